@@ -1,0 +1,16 @@
+"""Our CLIP: the OpenAI API (``available_models``, ``load``, ``tokenize``) over our own modules."""
+from .clip import CLIPLoadError, available_models, load
+from .model import CLIP, build_model
+from .tokenizer import SimpleTokenizer, tokenize
+from .zeroshot import get_classnames_and_templates
+
+__all__ = [
+    "CLIP",
+    "CLIPLoadError",
+    "SimpleTokenizer",
+    "available_models",
+    "build_model",
+    "get_classnames_and_templates",
+    "load",
+    "tokenize",
+]

@@ -1,0 +1,37 @@
+"""Installs the two packages of this repository: ``lgd`` (the method) and ``clip`` (our CLIP)."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="lgd",
+    version="0.1.0",
+    description="Language-Guided Distillation: pre-train lightweight backbones from a frozen CLIP teacher",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["lgd", "lgd.*", "clip", "clip.*"]),
+    package_data={"clip": ["bpe_simple_vocab_16e6.txt.gz", "LICENSE-CLIP", "weights/*.sh"]},
+    include_package_data=True,
+    # Upper bounds are the newest releases we test against; raise them after a green CI run.
+    install_requires=[
+        "torch>=2.1,<=2.14.1",
+        "torchvision>=0.16,<=0.29.1",
+        "ftfy",
+        "regex",
+        "tqdm",
+        "numpy",
+        "pillow",
+        "pyyaml",  # experiment configs in configs/*.yaml
+        "tensorboard",  # training curves; the JSON-lines log works without it
+    ],
+    extras_require={
+        # open_clip_torch is the independent oracle for CLIP parity tests; mmengine parses the
+        # OpenMMLab configs; pycocotools computes COCO AP in the transfer tests.
+        "test": ["pytest", "open_clip_torch", "mmengine", "pycocotools"],
+        "coco": ["pycocotools"],
+    },
+)
