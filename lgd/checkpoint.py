@@ -1,0 +1,88 @@
+"""The LGD checkpoint format, written atomically and read without unpickling arbitrary objects.
+
+``checkpoint_last.pth`` (and ``checkpoint_epXXXX.pth``) is a dict of tensors and plain Python values:
+
+=============  ==============================================================================
+``format``     ``"lgd"``; ``version``: ``1``
+``arch``       student architecture (a key of ``lgd.models.STUDENTS``); ``embed_dim``: teacher dim D
+``epoch``      number of completed epochs; ``step``: optimizer steps taken
+``model``      ``LGDStudent.state_dict()``: ``backbone.<torchvision names>`` + ``head.{0,2}.{weight,bias}``
+``vsb``        ``VisualSemanticsBank.state_dict()`` (``bank`` [C, D], ``seen`` [C])
+``tsb``        the TSB [C, D] used for training; ``classnames`` / ``templates``: the text it came from
+``teacher``    the teacher as given to ``clip.load`` (official name or path)
+``config``     the resolved run config (plain dict)
+``optimizer``  / ``scaler`` / ``rng``: what ``--resume`` needs to continue bit-exactly
+``metrics``    the latest evaluation (e.g. ``student_top1``), may be empty
+=============  ==============================================================================
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LGDError
+
+FORMAT = "lgd"
+VERSION = 1
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, then rename: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` with one clear error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LGDError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for non-checkpoint files
+        raise LGDError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+
+
+def is_lgd_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load an LGD training checkpoint (see the module docstring for its keys)."""
+    ckpt = safe_load(path)
+    if not is_lgd_checkpoint(ckpt):
+        raise LGDError(f"{path} is not an LGD checkpoint (no format='lgd' key); was it written by lgd.train?")
+    if ckpt.get("version", 0) > VERSION:
+        raise LGDError(f"{path} has checkpoint version {ckpt['version']}; this lgd reads up to {VERSION}")
+    return ckpt
+
+
+def backbone_state_dict(ckpt_or_path: dict[str, Any] | str | os.PathLike) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """``(arch, state_dict)`` of the student backbone in torchvision key layout, without the MLP head.
+
+    Accepts an LGD checkpoint (path or loaded dict) or a torchvision-style state_dict file (plain, or
+    under ``state_dict``/``model``); ``arch`` is ``None`` when the file does not say.
+    """
+    obj = ckpt_or_path if isinstance(ckpt_or_path, dict) else safe_load(ckpt_or_path)
+    if is_lgd_checkpoint(obj):
+        prefix = "backbone."
+        return obj["arch"], {k[len(prefix) :]: v for k, v in obj["model"].items() if k.startswith(prefix)}
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LGDError(f"{ckpt_or_path} holds neither an LGD checkpoint nor a state_dict of tensors")
+    return None, dict(obj)

@@ -1,0 +1,139 @@
+"""Images for LGD: MoCo-v2 views shared by teacher and student, deterministic per (seed, epoch, index).
+
+Augmentation randomness is derived from the sample's identity rather than from worker RNG state, so a run
+gives the same views whatever the number of workers, and a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler
+from torchvision import datasets, transforms
+
+from .errors import LGDError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def normalization(name: str) -> transforms.Normalize:
+    """LGD students are trained on CLIP-normalised inputs; evaluation must use the same constants."""
+    if name not in NORMALIZATIONS:
+        raise LGDError(f"unknown normalisation {name!r}; choose from {sorted(NORMALIZATIONS)}")
+    mean, std = NORMALIZATIONS[name]
+    return transforms.Normalize(mean, std)
+
+
+def moco_v2_transform(size: int, norm: str = "clip", min_scale: float = 0.2) -> transforms.Compose:
+    """The view LGD feeds to both networks: MoCo-v2 augmentation with CLIP mean/std."""
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd, as in MoCo v2
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalization(norm),
+        ]
+    )
+
+
+def eval_transform(size: int, norm: str = "clip") -> transforms.Compose:
+    """Resize to size*256/224 then center-crop (the standard 256/224 protocol at any resolution)."""
+    return transforms.Compose(
+        [
+            transforms.Resize(int(round(size * 256 / 224)), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            normalization(norm),
+        ]
+    )
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A distinct 63-bit seed per (run seed, epoch, sample) with no structure shared between runs."""
+    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (2**63)
+
+
+def rgb_loader(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def image_folder(root: str | os.PathLike) -> datasets.ImageFolder:
+    """torchvision's ImageFolder (no transform) with one clear error for a missing or empty folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LGDError(f"image folder not found: {root}")
+    try:
+        return datasets.ImageFolder(str(root), loader=rgb_loader)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise LGDError(f"{root} is not an ImageFolder (class sub-folders holding images): {err}") from None
+
+
+class SeededImageFolder(Dataset):
+    """An ImageFolder indexed by ``(index, epoch)`` whose transform is seeded from that key.
+
+    An unreadable image is replaced by the next readable one so batch shapes stay equal on every rank;
+    each item reports how many files it had to skip, and the training loop counts them.
+    """
+
+    def __init__(self, folder: datasets.ImageFolder, transform: Callable, seed: int) -> None:
+        self.folder, self.transform, self.seed = folder, transform, seed
+        self.classes = folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        skipped = 0
+        while True:
+            path, label = self.folder.samples[index]
+            try:
+                image = rgb_loader(path)
+                break
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+                skipped += 1
+                if skipped >= len(self):
+                    raise LGDError(f"no readable image in {self.folder.root}") from None
+                index = (index + 1) % len(self)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image), label, skipped
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` yielding ``(index, epoch)`` keys, able to skip a resumed epoch's done part."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip :]
+        return iter([(i, self.epoch) for i in indices])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.skip)
+
+
+def steps_per_epoch(num_images: int, global_batch: int) -> int:
+    """Optimizer steps per epoch with ``drop_last``; at least one image per rank-batch is needed."""
+    return math.floor(num_images / global_batch)

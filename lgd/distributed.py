@@ -1,0 +1,82 @@
+"""Thin helpers over ``torch.distributed`` for torchrun jobs; everything degrades to a no-op in one process."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_distributed(device: str = "auto") -> torch.device:
+    """Join the torchrun job if launched by torchrun (NCCL on GPU, gloo on CPU); return this rank's device."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not is_dist():
+        if use_cuda:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        return torch.device("cuda", local_rank() if is_dist() else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
+    """Let local rank 0 run the block first (downloads, caches), then the other ranks of the node."""
+    if local_rank() != 0:
+        barrier()
+    yield
+    if local_rank() == 0:
+        barrier()
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally-shaped tensors of all ranks in rank order (no gradient)."""
+    if not is_dist():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if is_dist():
+        dist.broadcast(tensor, src)
+    return tensor

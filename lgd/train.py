@@ -1,0 +1,497 @@
+"""LGD pre-training: ``python -m lgd.train`` (one process) or ``torchrun -m lgd.train`` (DDP).
+
+Read top to bottom: config -> teacher and TSB -> student, VSB, optimizer -> data -> resume -> the epoch
+loop (``train_one_epoch``: teacher forward, student forward, LGD loss, step, LGKA update of the VSB) ->
+checkpoint and zero-shot evaluation -> summary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import clip
+
+from . import distributed as du
+from .banks import VisualSemanticsBank, class_text, load_or_build_tsb
+from .checkpoint import FORMAT, VERSION, atomic_torch_save, load_checkpoint
+from .config import parse_config, save_config
+from .data import EpochSampler, SeededImageFolder, eval_transform, image_folder, moco_v2_transform
+from .errors import LGDError, cli_entry
+from .evaluate import embed_dataset, topk_accuracy, zero_shot_logits
+from .losses import lgd_loss
+from .models import LGDStudent, available_students, build_student
+from .toyworld import default_home, ensure_toy_world
+
+
+def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help_text, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the authors' recipe (RN50 teacher, ResNet-18 student, 200 epochs, batch 2048)."""
+
+    data: str = field(default="", metadata=_opt("ImageFolder root with train/ (and optional val/), or 'toy'"))
+    text: str = field(default="folder", metadata=_opt("class names of the banks: a set name, a text file, 'folder', or 'toy'"))
+    templates: str = field(default="imagenet", metadata=_opt("prompt templates: a set name, a text file, or 'toy'"))
+    teacher: str = field(default="RN50", metadata=_opt("CLIP teacher: an official name, a checkpoint path, or 'toy'"))
+    clip_root: str = field(default="", metadata=_opt("download folder for official CLIP weights (default ~/.cache/clip)"))
+    arch: str = field(default="resnet18", metadata=_opt("student architecture", choices=available_students()))
+    image_size: int = field(default=224, metadata=_opt("training and evaluation resolution"))
+    min_crop_scale: float = field(default=0.2, metadata=_opt("smallest RandomResizedCrop area fraction (MoCo v2: 0.2)"))
+    student_temp: float = field(default=0.2, metadata=_opt("student temperature τ_s"))
+    teacher_temp: float = field(default=0.01, metadata=_opt("teacher temperature τ_t"))
+    alpha: float = field(default=0.5, metadata=_opt("loss = alpha * L_VIS + (1 - alpha) * L_TEX"))
+    vsb_momentum: float = field(default=0.999, metadata=_opt("momentum m of the VSB rows"))
+    epochs: int = field(default=200, metadata=_opt("training epochs"))
+    batch_size: int = field(default=2048, metadata=_opt("global batch size (split over all ranks)"))
+    base_lr: float = field(default=0.03, metadata=_opt("learning rate per 256 images (lr = base_lr * batch/256)"))
+    optimizer: str = field(default="sgd", metadata=_opt("sgd (the paper's) or adamw", choices=["sgd", "adamw"]))
+    momentum: float = field(default=0.9, metadata=_opt("SGD momentum"))
+    weight_decay: float = field(default=1e-4, metadata=_opt("weight decay"))
+    warmup_epochs: int = field(default=5, metadata=_opt("linear warm-up epochs before the cosine decay"))
+    workers: int = field(default=8, metadata=_opt("data-loading processes per rank"))
+    max_bad_images: float = field(default=0.01, metadata=_opt("fraction of unreadable images tolerated per epoch"))
+    output: str = field(default="runs/lgd", metadata=_opt("run folder (checkpoints, logs, config)"))
+    resume: str = field(default="", metadata=_opt("'auto' (the run folder's last checkpoint, if any) or a checkpoint path"))
+    seed: int = field(default=0, metadata=_opt("seed of initialisation, data order and augmentation"))
+    device: str = field(default="auto", metadata=_opt("'auto', 'cpu' or 'cuda'"))
+    amp: str = field(default="auto", metadata=_opt("autocast: auto (bf16 on GPU, off on CPU), bf16, fp16, off",
+                                                   choices=["auto", "bf16", "fp16", "off"]))
+    channels_last: bool = field(default=False, metadata=_opt("channels_last memory format for teacher and student"))
+    compile: bool = field(default=False, metadata=_opt("torch.compile the student"))
+    val_interval: int = field(default=10, metadata=_opt("zero-shot evaluation on val/ every N epochs (and at the end)"))
+    save_interval: int = field(default=0, metadata=_opt("also keep checkpoint_epNNNN.pth every N epochs (0: only the last)"))
+    log_interval: int = field(default=20, metadata=_opt("steps between log lines"))
+    stop_after: int = field(default=0, metadata=_opt("exit cleanly after N epochs of this run (time-limited jobs)"))
+    cache_dir: str = field(default="", metadata=_opt("TSB and toy-world cache (default $LGD_HOME or ~/.cache/lgd)"))
+
+
+@dataclass
+class Setup:
+    """What the config resolves to once the toy world (if asked for) exists."""
+
+    data: Path
+    teacher: str
+    text: str
+    templates: str
+
+
+def resolve_inputs(cfg: TrainConfig) -> Setup:
+    """Turn ``data/teacher/text/templates == 'toy'`` into the built-in toy world's paths."""
+    if not cfg.data:
+        raise LGDError(
+            "no --data given: pass an ImageFolder root with train/, or run the built-in toy world with "
+            "`bash scripts/train.sh` (or --config configs/toyworld.yaml)"
+        )
+    uses_toy = "toy" in (cfg.data, cfg.teacher, cfg.text, cfg.templates)
+    world = None
+    if uses_toy:
+        with du.local_main_first():
+            world = ensure_toy_world(Path(cfg.cache_dir) if cfg.cache_dir else None, verbose=du.is_main())
+    data = world.data if cfg.data == "toy" else Path(cfg.data)
+    teacher = str(world.teacher) if cfg.teacher == "toy" else cfg.teacher
+    text = str(world.classnames) if cfg.text == "toy" else cfg.text
+    if text == "folder":
+        text = str(data / "train")
+    templates = str(world.templates) if cfg.templates == "toy" else cfg.templates
+    return Setup(data=data, teacher=teacher, text=text, templates=templates)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.batch_size % du.world_size():
+        raise LGDError(f"batch_size {cfg.batch_size} is not divisible by the world size {du.world_size()}")
+    for key in ("epochs", "batch_size", "image_size"):
+        if getattr(cfg, key) <= 0:
+            raise LGDError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise LGDError(f"alpha must be in [0, 1], got {cfg.alpha}")
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32. fp16 needs a GradScaler; bf16 does not."""
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp in ("auto", "bf16"):
+        return torch.bfloat16
+    return torch.float16
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
+    """Linear warm-up to ``peak_lr``, then cosine decay to 0 (per optimizer step)."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class FrozenTeacher(nn.Module):
+    """The CLIP image tower in eval mode, never updated: ``t = normalize(encode_image(x))`` in fp32."""
+
+    def __init__(self, visual: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.visual = visual.eval().requires_grad_(False).to(dtype)
+        self.dtype = dtype
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)  # BN statistics of the teacher must never move
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            t = F.normalize(self.visual(images.to(self.dtype)).float(), dim=-1)
+        return t.clone()  # a normal tensor: the loss saves it for the backward pass
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag, so the loop can save a checkpoint at a step boundary."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous[signum])  # a second signal acts immediately
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank was signalled; every rank must stop at the same step."""
+        if not du.is_dist():
+            return self.signum != 0
+        flag = torch.tensor([float(self.signum)], device=device)
+        return du.all_reduce_sum(flag).item() > 0
+
+
+class RunLog:
+    """Rank-0 JSON-lines log plus TensorBoard scalars (other ranks write nothing)."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            self.file = open(out / "log.jsonl", "a", encoding="utf-8")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                print("note: tensorboard is not installed; logging to log.jsonl only")
+
+    def write(self, record: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self.writer.add_scalar(f"{record['type']}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+@dataclass
+class State:
+    """Everything a checkpoint restores."""
+
+    student: LGDStudent
+    vsb: VisualSemanticsBank
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # completed epochs
+    batch_in_epoch: int = 0  # steps already taken in epoch ``epoch`` (after a mid-epoch stop)
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def save_state(state: State, path: Path, cfg: TrainConfig, setup: Setup, tsb: torch.Tensor,
+               classnames: Sequence[str], templates: Sequence[str]) -> None:
+    atomic_torch_save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "arch": cfg.arch,
+            "embed_dim": state.student.embed_dim,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "step": state.step,
+            "model": state.student.state_dict(),
+            "vsb": state.vsb.state_dict(),
+            "tsb": tsb.cpu(),
+            "classnames": list(classnames),
+            "templates": list(templates),
+            "teacher": setup.teacher,
+            "config": dataclasses.asdict(cfg),
+            "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "metrics": dict(state.metrics),
+        },
+        path,
+    )
+
+
+def resume_state(state: State, cfg: TrainConfig, out: Path, tsb: torch.Tensor) -> None:
+    """Load ``--resume`` into ``state``; refuse checkpoints of another student or text set."""
+    if not cfg.resume:
+        return
+    path = out / "checkpoint_last.pth" if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume == "auto" and not path.is_file():
+        if du.is_main():
+            print(f"--resume auto: no checkpoint in {out}, starting from scratch")
+        return
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != cfg.arch:
+        raise LGDError(f"cannot resume: {path} holds a {ckpt['arch']} student, this run trains {cfg.arch}")
+    if tuple(ckpt["tsb"].shape) != tuple(tsb.shape):
+        raise LGDError(
+            f"cannot resume: {path} was trained with a TSB of shape {tuple(ckpt['tsb'].shape)}, "
+            f"this run has {tuple(tsb.shape)} (another teacher or class-name set?)"
+        )
+    state.student.load_state_dict(ckpt["model"])
+    state.vsb.load_state_dict(ckpt["vsb"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    state.epoch, state.batch_in_epoch, state.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
+    state.metrics = dict(ckpt.get("metrics", {}))
+    if du.is_main():
+        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
+                   if k not in ("resume", "output", "stop_after") and getattr(cfg, k, v) != v}
+        if changed:
+            print(f"note: config differs from the checkpoint's: {changed}")
+        print(f"resumed from {path}: epoch {state.epoch}, step {state.step}")
+
+
+@torch.no_grad()
+def zero_shot(embed: nn.Module, loader: DataLoader, tsb: torch.Tensor, device: torch.device,
+              autocast: torch.dtype | None, desc: str) -> dict[str, float]:
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        feats, labels = embed_dataset(embed, loader, device, desc=desc)
+    acc = topk_accuracy(zero_shot_logits(feats, tsb.cpu()), labels)
+    return {"top1": acc[1], "top5": acc[5]}
+
+
+def train_one_epoch(
+    cfg: TrainConfig, state: State, model: nn.Module, teacher: FrozenTeacher, tsb: torch.Tensor,
+    loader: DataLoader, device: torch.device, autocast: torch.dtype | None, schedule: dict[str, int],
+    stop: StopRequested, log: RunLog,
+) -> tuple[bool, int]:
+    """One pass over the loader. Returns (stopped by a signal, unreadable images skipped)."""
+    model.train()
+    peak_lr = cfg.base_lr * cfg.batch_size / 256
+    skipped = torch.zeros((), dtype=torch.long)
+    running = torch.zeros(3, device=device)
+    window_start, window_steps = time.time(), 0
+    bar = tqdm(total=schedule["per_epoch"], initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+               disable=not du.is_main(), dynamic_ncols=True)
+    for images, _, n_bad in loader:
+        lr = lr_at(state.step, schedule["total"], schedule["warmup"], peak_lr)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+
+        t = teacher(images)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            s = model(images)
+        t_tsb = t @ tsb.T  # shared by L_TEX and the LGKA assignment
+        # The logits use the VSB as it was before this step's update.
+        loss, l_vis, l_tex = lgd_loss(s, t, tsb, state.vsb.bank, cfg.student_temp, cfg.teacher_temp, cfg.alpha, t_tsb=t_tsb)
+        if not torch.isfinite(loss):
+            raise LGDError(f"loss is {loss.item()} at step {state.step}; lower the learning rate or disable fp16")
+
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+
+        # LGKA: every rank folds in the teacher embeddings of the whole global batch, so the banks agree.
+        state.vsb.update(du.all_gather_cat(t), labels=du.all_gather_cat(t_tsb.argmax(1)))
+
+        state.step += 1
+        state.batch_in_epoch += 1
+        skipped += n_bad.sum()
+        running += torch.stack([loss.detach(), l_vis.detach(), l_tex.detach()])
+        window_steps += 1
+        bar.update()
+        if window_steps == cfg.log_interval or state.batch_in_epoch == schedule["per_epoch"]:
+            values = (running / window_steps).tolist()
+            img_s = window_steps * cfg.batch_size / (time.time() - window_start)
+            record = {"type": "train", "epoch": state.epoch, "step": state.step, "loss": values[0],
+                      "l_vis": values[1], "l_tex": values[2], "lr": lr, "img_per_s": img_s}
+            log.write(record, state.step)
+            bar.set_postfix(loss=f"{values[0]:.4f}", l_vis=f"{values[1]:.4f}", l_tex=f"{values[2]:.4f}",
+                            lr=f"{lr:.3g}", img_s=f"{img_s:.0f}")
+            running.zero_()
+            window_start, window_steps = time.time(), 0
+        if stop.agreed(device):
+            bar.close()
+            return True, int(skipped)
+    bar.close()
+    return False, int(skipped)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) one LGD pre-training; return the final metrics written to ``train_metrics.json``."""
+    start_time = time.time()
+    device = du.init_distributed(cfg.device)
+    check_config(cfg)
+    setup = resolve_inputs(cfg)
+    out = Path(cfg.output)
+    if du.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    autocast = amp_dtype(cfg, device)
+
+    # Teacher and TSB. Local rank 0 loads first so that a download happens once per node.
+    with du.local_main_first():
+        clip_model, _ = clip.load(setup.teacher, device="cpu", download_root=cfg.clip_root or None)
+    classnames, templates = class_text(setup.text, setup.templates)
+    embed_dim = clip_model.text_projection.shape[1]
+    tsb = torch.zeros(len(classnames), embed_dim)
+    if du.is_main():
+        tsb = load_or_build_tsb(clip_model, classnames, templates, Path(cfg.cache_dir or default_home()) / "tsb")
+    tsb = du.broadcast(tsb.to(device))
+    teacher_dtype = autocast if (autocast is not None and device.type == "cuda") else torch.float32
+    teacher = FrozenTeacher(clip_model.visual, teacher_dtype).to(device)
+    del clip_model  # the text tower is not needed any more
+    if cfg.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+
+    # Student, VSB, optimizer.
+    student = build_student(cfg.arch, embed_dim).to(device)
+    if cfg.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    vsb = VisualSemanticsBank(len(classnames), embed_dim, cfg.vsb_momentum).to(device)
+    du.broadcast(vsb.bank)  # identical random init on every rank
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(student.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+    state = State(student, vsb, optimizer, scaler)
+    model: nn.Module = student
+    if du.is_dist():
+        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    # Data.
+    local_batch = cfg.batch_size // du.world_size()
+    train_set = SeededImageFolder(image_folder(setup.data / "train"), moco_v2_transform(cfg.image_size, min_scale=cfg.min_crop_scale), cfg.seed)
+    sampler = EpochSampler(train_set, du.world_size(), du.rank(), seed=cfg.seed)
+    per_epoch = sampler.num_samples // local_batch
+    if per_epoch == 0:
+        raise LGDError(f"{setup.data / 'train'} has {len(train_set)} images, fewer than one batch of {cfg.batch_size}")
+    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.workers > 0,
+                        prefetch_factor=4 if cfg.workers > 0 else None)
+    val_loader = None
+    if (setup.data / "val").is_dir():
+        val_set = image_folder(setup.data / "val")
+        val_set.transform = eval_transform(cfg.image_size)
+        if len(val_set.classes) == len(classnames):
+            val_loader = DataLoader(val_set, batch_size=min(local_batch, 256), num_workers=cfg.workers,
+                                    pin_memory=device.type == "cuda")
+        elif du.is_main():
+            print(f"note: no zero-shot evaluation during training: the text set has {len(classnames)} classes, "
+                  f"{setup.data / 'val'} has {len(val_set.classes)} (use python -m lgd.zscls with a matching set)")
+    schedule = {"per_epoch": per_epoch, "total": per_epoch * cfg.epochs, "warmup": per_epoch * cfg.warmup_epochs}
+
+    resume_state(state, cfg, out, tsb)
+    if du.is_main():
+        print(f"LGD: teacher {setup.teacher} (D={embed_dim}) -> student {cfg.arch}; {len(train_set)} images, "
+              f"{len(classnames)} classes in the banks; {per_epoch} steps/epoch x {cfg.epochs} epochs, "
+              f"batch {cfg.batch_size} on {du.world_size()} process(es), {device}, amp={autocast}")
+
+    log = RunLog(out, du.is_main())
+    stop = StopRequested()
+    teacher_metrics: dict[str, float] | None = None
+    first_epoch = state.epoch
+    last = out / "checkpoint_last.pth"
+    try:
+        while state.epoch < cfg.epochs:
+            sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * local_batch)
+            stopped, bad = train_one_epoch(cfg, state, model, teacher, tsb, loader, device, autocast, schedule, stop, log)
+            if stopped:
+                if du.is_main():
+                    save_state(state, last, cfg, setup, tsb, classnames, templates)
+                    print(f"stopped by signal {stop.signum} at epoch {state.epoch} step {state.step}; saved {last}; "
+                          "continue with --resume auto")
+                du.barrier()
+                raise SystemExit(128 + stop.signum)
+            bad = int(du.all_reduce_sum(torch.tensor(bad, device=device)).item())
+            seen = per_epoch * cfg.batch_size
+            if bad > cfg.max_bad_images * seen:
+                raise LGDError(f"{bad} unreadable images in epoch {state.epoch + 1} (limit {cfg.max_bad_images:.1%} "
+                               f"of {seen}); check {setup.data / 'train'}")
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            done = state.epoch == cfg.epochs
+            if val_loader is not None and (done or state.epoch % cfg.val_interval == 0):
+                if du.is_main():
+                    if teacher_metrics is None:
+                        teacher_metrics = zero_shot(teacher, val_loader, tsb, device, None, "zero-shot (teacher)")
+                    student_metrics = zero_shot(student.eval(), val_loader, tsb, device, autocast, "zero-shot (student)")
+                    state.metrics = {"teacher_top1": teacher_metrics["top1"], "teacher_top5": teacher_metrics["top5"],
+                                     "student_top1": student_metrics["top1"], "student_top5": student_metrics["top5"]}
+                    log.write({"type": "val", "epoch": state.epoch, "step": state.step, **state.metrics}, state.step)
+                    print(f"epoch {state.epoch}: zero-shot top-1 student {state.metrics['student_top1']:.2f}% "
+                          f"(teacher {state.metrics['teacher_top1']:.2f}%)")
+                du.barrier()
+            if du.is_main():
+                save_state(state, last, cfg, setup, tsb, classnames, templates)
+                if cfg.save_interval and state.epoch % cfg.save_interval == 0:
+                    save_state(state, out / f"checkpoint_ep{state.epoch:04d}.pth", cfg, setup, tsb, classnames, templates)
+            if cfg.stop_after and state.epoch - first_epoch >= cfg.stop_after and not done:
+                if du.is_main():
+                    print(f"stopping after {cfg.stop_after} epoch(s) as asked; continue with --resume auto")
+                break
+    finally:
+        stop.restore()
+        log.close()
+
+    result = {**state.metrics, "epochs": state.epoch, "seconds": round(time.time() - start_time, 1),
+              "checkpoint": str(last.resolve())}
+    if du.is_main():
+        (out / "train_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        print("\n== LGD run summary ==")
+        if "teacher_top1" in state.metrics:
+            print(f"teacher zero-shot top-1: {state.metrics['teacher_top1']:.2f}%")
+            print(f"student zero-shot top-1: {state.metrics['student_top1']:.2f}%")
+        print(f"epochs: {state.epoch}/{cfg.epochs}, time: {result['seconds']}s")
+        print(f"checkpoint: {result['checkpoint']}")
+    du.cleanup()
+    return result
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = parse_config(TrainConfig, argv, description="LGD pre-training (see configs/ for the paper's settings)")
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

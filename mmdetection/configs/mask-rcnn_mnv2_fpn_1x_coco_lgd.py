@@ -1,0 +1,10 @@
+# Mask R-CNN + FPN, 1x schedule (12 epochs, 8 GPUs x 2 images), COCO, LGD-pretrained MobileNetV2.
+_base_ = [
+    'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py',
+    './_base_/lgd_detection.py',
+]
+model = dict(
+    data_preprocessor=dict(mean={{_base_.lgd_mean}}, std={{_base_.lgd_std}}),
+    backbone={{_base_.lgd_mobilenet_v2}},
+    neck=dict(in_channels=[24, 32, 96, 1280]))
+optim_wrapper = {{_base_.lgd_optim_wrapper}}

@@ -1,0 +1,11 @@
+# FCN (output stride 8) on ADE20K (80k iterations, 4 GPUs x 4 crops of 512x512), LGD-pretrained MobileNetV2.
+_base_ = [
+    'mmseg::fcn/fcn_r50-d8_4xb4-80k_ade20k-512x512.py',
+    './_base_/lgd_segmentation.py',
+]
+model = dict(
+    pretrained=None,  # the base's ImageNet ResNetV1c weights; ours come from backbone.init_cfg
+    data_preprocessor=dict(mean={{_base_.lgd_mean}}, std={{_base_.lgd_std}}),
+    backbone={{_base_.lgd_mobilenet_v2}},
+    decode_head=dict(in_channels=320),
+    auxiliary_head=dict(in_channels=96))

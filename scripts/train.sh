@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# LGD pre-training launcher (a thin torchrun wrapper).
+#   bash scripts/train.sh                                   # the built-in toy world, CPU, minutes
+#   DATA=/data/imagenet CONFIG=configs/lgd_r18_in_in_200ep.yaml NPROC=8 bash scripts/train.sh
+# Environment: NPROC (processes per node, default: GPUs or 1), NNODES (1), NODE_RANK (0),
+# MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), CONFIG, DATA, OUTPUT. Extra args go to lgd.train.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -z "${DATA:-}" && -z "${CONFIG:-}" ]]; then
+  CONFIG=configs/toyworld.yaml
+  echo "No DATA given: running the built-in toy world ($CONFIG). Set DATA=/path/to/imagenet for real runs."
+fi
+ARGS=()
+[[ -n "${CONFIG:-}" ]] && ARGS+=(--config "$CONFIG")
+[[ -n "${DATA:-}" ]] && ARGS+=(--data "$DATA")
+[[ -n "${OUTPUT:-}" ]] && ARGS+=(--output "$OUTPUT")
+
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+NNODES=${NNODES:-1}
+if [[ "$NPROC" == 1 && "$NNODES" == 1 ]]; then
+  exec python -m lgd.train "${ARGS[@]}" "$@"
+fi
+exec torchrun --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" \
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+  -m lgd.train "${ARGS[@]}" "$@"

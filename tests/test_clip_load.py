@@ -1,0 +1,282 @@
+"""clip.load and the checksum-verified download, on tiny local checkpoints (no internet needed).
+
+Downloads are served by a local HTTP server in a thread; files follow OpenAI's URL scheme
+(``<base>/<sha256>/<name>.pt``) so the checksum comes from the URL exactly as for the real models.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import re
+import subprocess
+import threading
+import warnings
+import zipfile
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from test_clip_model import TINY_RESNET, TINY_VIT, example_inputs, make_openai_state_dict  # tests/ is on sys.path
+
+import clip.clip as clip_api
+from clip.clip import CLIP_MEAN, CLIP_STD, CLIPLoadError, available_models, build_preprocess, download, load
+from clip.model import CLIP, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+OFFICIAL_NAMES = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64",
+                  "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Keep the test output free of access logs."""
+
+
+@pytest.fixture
+def http_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
+    """(directory, base URL) of a local HTTP server that serves the directory."""
+    root = tmp_path / "served"
+    root.mkdir()
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # a CI proxy must not intercept the local server
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def publish(http_root: tuple[Path, str], payload: bytes, name: str = "tiny.pt") -> tuple[str, str]:
+    """Serve ``payload`` at ``<base>/<sha256>/<name>``; return (url, sha256)."""
+    root, base = http_root
+    sha = hashlib.sha256(payload).hexdigest()
+    (root / sha).mkdir(exist_ok=True)
+    (root / sha / name).write_bytes(payload)
+    return f"{base}/{sha}/{name}", sha
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".part"))
+
+
+@pytest.fixture(scope="module")
+def vit_state_dict() -> dict[str, torch.Tensor]:
+    return make_openai_state_dict(TINY_VIT)
+
+
+def assert_same_outputs(model: torch.nn.Module, reference: CLIP, hp: dict[str, Any]) -> None:
+    images, text = example_inputs(hp)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), reference.encode_image(images))
+        torch.testing.assert_close(model.encode_text(text), reference.encode_text(text))
+
+
+# --- model registry and preprocessing ------------------------------------------------------------
+
+def test_available_models_and_their_urls() -> None:
+    assert available_models() == OFFICIAL_NAMES
+    for name in OFFICIAL_NAMES:
+        match = re.fullmatch(r"https://openaipublic\.azureedge\.net/clip/models/([0-9a-f]{64})/([\w-]+)\.pt",
+                             clip_api._MODELS[name])
+        assert match, name
+        assert match.group(2) == name.replace("/", "-").replace("@", "-")
+
+
+def test_preprocess_gives_normalised_rgb_crops() -> None:
+    gray = Image.new("L", (50, 90), color=128)  # not square, not RGB
+    tensor = build_preprocess(32)(gray)
+    assert tensor.shape == (3, 32, 32)
+    expected = (128 / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(tensor[:, 16, 16], expected)
+
+
+# --- loading files ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+def test_load_state_dict_file(tmp_path: Path, vit_state_dict: dict[str, torch.Tensor], wrap: str | None) -> None:
+    path = tmp_path / "tiny.pt"
+    torch.save(vit_state_dict if wrap is None else {wrap: vit_state_dict, "epoch": 3}, path)
+    model, preprocess = load(path, device=torch.device("cpu"))
+    assert isinstance(model, CLIP) and not model.training and model.dtype == torch.float32
+    assert_same_outputs(model, build_model(vit_state_dict), TINY_VIT)
+    assert preprocess(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
+
+
+def save_torchscript_archive(model: CLIP, path: Path, hp: dict[str, Any]) -> None:
+    """Trace ``model`` like OpenAI's archives: encode_image/encode_text/forward, plus the three scalar
+    tensors (input_resolution, context_length, vocab_size) that their state_dicts carry."""
+
+    class WithArchiveScalars(CLIP):
+        def __init__(self) -> None:
+            super().__init__(**hp)
+            del self.context_length, self.vocab_size
+            for name, value in (("input_resolution", hp["image_resolution"]),
+                                ("context_length", hp["context_length"]), ("vocab_size", hp["vocab_size"])):
+                self.register_buffer(name, torch.tensor(value))
+
+    source = WithArchiveScalars()
+    source.load_state_dict(model.state_dict(), strict=False)
+    images, text = example_inputs(hp)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter
+        # No trace check: it re-traces every method, and MultiheadAttention's kernel choice differs per run.
+        traced = torch.jit.trace_module(source.eval(), {
+            "forward": (images, text), "encode_image": (images,), "encode_text": (text,)}, check_trace=False)
+        torch.jit.save(traced, str(path))
+
+
+@pytest.mark.parametrize("hp", [TINY_RESNET, TINY_VIT], ids=["resnet", "vit"])
+def test_torchscript_archive_round_trip(tmp_path: Path, hp: dict[str, Any]) -> None:
+    reference = build_model(make_openai_state_dict(hp))
+    path = tmp_path / "archive.pt"
+    save_torchscript_archive(reference, path, hp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load is deprecated in favour of torch.export
+        archive_keys = set(torch.jit.load(str(path)).state_dict())
+    assert archive_keys >= {"input_resolution", "context_length", "vocab_size"}
+
+    eager, preprocess = load(str(path), jit=False)
+    assert isinstance(eager, CLIP)
+    assert_same_outputs(eager, reference, hp)
+    assert preprocess(Image.new("RGB", (99, 70))).shape[-1] == hp["image_resolution"]
+
+    scripted, preprocess = load(str(path), jit=True)
+    assert isinstance(scripted, torch.jit.ScriptModule)
+    assert_same_outputs(scripted, reference, hp)
+    assert preprocess(Image.new("RGB", (99, 70))).shape[-1] == hp["image_resolution"]
+
+
+def test_jit_true_on_state_dict_falls_back_to_eager(tmp_path: Path, vit_state_dict: dict[str, torch.Tensor]) -> None:
+    path = tmp_path / "tiny.pt"
+    torch.save(vit_state_dict, path)
+    with pytest.warns(UserWarning, match="not a TorchScript archive"):
+        model, _ = load(str(path), jit=True)
+    assert isinstance(model, CLIP)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+class Payload:
+    """An arbitrary class: weights_only loading must refuse to rebuild it."""
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: p.write_text("these are not weights\n"), "neither a PyTorch checkpoint nor a TorchScript"),
+    (lambda p: torch.save({"weights": Payload()}, p), "Python objects other than tensors.*Payload"),
+    pytest.param(lambda p: p.write_bytes(pickle.dumps({"a": 1})), "Python objects other than tensors",
+                 marks=pytest.mark.filterwarnings("ignore:Detected pickle protocol")),
+    (lambda p: torch.save([torch.zeros(2)], p), "holds a list, not a state_dict"),
+    (lambda p: torch.save(torch.nn.Linear(2, 2).state_dict(), p), "not an OpenAI CLIP state_dict.*weight"),
+    (lambda p: torch.save({"model": {"epoch": 1}}, p), "not an OpenAI CLIP state_dict"),
+], ids=["text", "arbitrary-object", "plain-pickle", "list", "other-state-dict", "no-tensors"])
+def test_bad_files_raise_clear_errors(tmp_path: Path, write: Any, message: str) -> None:
+    path = tmp_path / "bad.pt"
+    write(path)
+    with pytest.raises(CLIPLoadError, match=message) as info:
+        load(str(path))
+    assert str(path) in str(info.value)
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None or info.value.__suppress_context__  # no chained traceback
+
+
+def test_corrupt_torchscript_archive(tmp_path: Path) -> None:
+    path = tmp_path / "broken.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("broken/constants.pkl", b"garbage")
+    with pytest.raises(CLIPLoadError, match="looks like a TorchScript archive but cannot be loaded"):
+        load(str(path))
+
+
+def test_unknown_name_lists_models_and_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(CLIPLoadError, match=r"'RN51' is neither.*RN50, RN101.*ViT-L/14@336px"):
+        load("RN51")
+    missing = tmp_path / "nowhere" / "RN50.pt"
+    with pytest.raises(CLIPLoadError, match=re.escape(str(missing))):
+        load(missing)
+    with pytest.raises(CLIPLoadError, match="is a directory"):
+        load(tmp_path)
+
+
+def test_invalid_device(tmp_path: Path) -> None:
+    with pytest.raises(CLIPLoadError, match="invalid device 'gpu'"):
+        load(tmp_path / "unused.pt", device="gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(tmp_path: Path) -> None:
+    with pytest.raises(CLIPLoadError, match="CUDA is not available"):
+        load(tmp_path / "unused.pt", device="cuda")
+
+
+# --- downloads ----------------------------------------------------------------------------------
+
+def test_download_verifies_and_is_atomic(http_root: tuple[Path, str], tmp_path: Path) -> None:
+    payload = os.urandom(3 * (1 << 20) + 17)  # several read chunks
+    url, _ = publish(http_root, payload)
+    cache = tmp_path / "cache"
+    path = download(url, cache)
+    assert Path(path) == cache / "tiny.pt" and Path(path).read_bytes() == payload
+    assert leftovers(cache) == []
+
+
+def test_corrupt_cached_file_is_replaced(http_root: tuple[Path, str], tmp_path: Path) -> None:
+    payload = os.urandom(100_000)
+    url, _ = publish(http_root, payload)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny.pt").write_bytes(payload[:5000])  # an interrupted copy from elsewhere
+    with pytest.warns(UserWarning, match="SHA-256 is not"):
+        path = download(url, cache)
+    assert Path(path).read_bytes() == payload and leftovers(cache) == []
+
+
+def test_download_with_wrong_checksum_is_discarded(http_root: tuple[Path, str], tmp_path: Path) -> None:
+    url, sha = publish(http_root, b"the real weights")
+    (http_root[0] / sha / "tiny.pt").write_bytes(b"tampered in transit")
+    cache = tmp_path / "cache"
+    with pytest.raises(CLIPLoadError, match=f"expected {sha}.*discarded"):
+        download(url, cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_unreachable_url_says_where_to_put_the_file(http_root: tuple[Path, str], tmp_path: Path) -> None:
+    url = f"{http_root[1]}/{'0' * 64}/absent.pt"
+    with pytest.raises(CLIPLoadError, match=re.escape(url) + ".*" + re.escape(str(tmp_path / "absent.pt"))):
+        download(url, tmp_path)
+    assert leftovers(tmp_path) == []
+
+
+def test_load_by_name_downloads_once(http_root: tuple[Path, str], tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch,
+                                     vit_state_dict: dict[str, torch.Tensor]) -> None:
+    checkpoint = tmp_path / "tiny-vit.pt"
+    torch.save(vit_state_dict, checkpoint)
+    url, _ = publish(http_root, checkpoint.read_bytes(), name="Tiny-ViT.pt")
+    monkeypatch.setitem(clip_api._MODELS, "Tiny/ViT", url)
+    monkeypatch.setenv("CLIP_CACHE", str(tmp_path / "cache"))
+    model, _ = load("Tiny/ViT")
+    assert_same_outputs(model, build_model(vit_state_dict), TINY_VIT)
+    cached = tmp_path / "cache" / "Tiny-ViT.pt"
+    assert cached.is_file()
+    for served in http_root[0].rglob("Tiny-ViT.pt"):
+        served.unlink()  # a second load must use the verified cache, not the network
+    model, _ = load("Tiny/ViT")
+    assert isinstance(model, CLIP)
+
+
+# --- download script ------------------------------------------------------------------------------
+
+def test_download_script_rejects_unknown_models(tmp_path: Path) -> None:
+    script = REPO / "clip" / "weights" / "download_clip_models.sh"
+    result = subprocess.run(["bash", str(script), "RN51", "ViT-B/33"], capture_output=True, text=True,
+                            timeout=120, check=False, env={**os.environ, "CLIP_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "unknown CLIP model(s): RN51, ViT-B/33" in result.stderr and "ViT-L/14@336px" in result.stderr
+    assert list(tmp_path.iterdir()) == []
