@@ -5,7 +5,6 @@ gives the same views whatever the number of workers, and a resumed run continues
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -16,10 +15,10 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision import datasets, transforms
 
+from clip.clip import CLIP_MEAN, CLIP_STD
+
 from .errors import LGDError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
@@ -132,8 +131,3 @@ class EpochSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.skip)
-
-
-def steps_per_epoch(num_images: int, global_batch: int) -> int:
-    """Optimizer steps per epoch with ``drop_last``; at least one image per rank-batch is needed."""
-    return math.floor(num_images / global_batch)

@@ -6,6 +6,7 @@ checkpoint and zero-shot evaluation -> summary.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -13,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +29,14 @@ from . import distributed as du
 from .banks import VisualSemanticsBank, class_text, load_or_build_tsb
 from .checkpoint import FORMAT, VERSION, atomic_torch_save, load_checkpoint
 from .config import parse_config, save_config
-from .data import EpochSampler, SeededImageFolder, eval_transform, image_folder, moco_v2_transform
+from .cache import CachedViewDataset, open_teacher_cache, teacher_embeddings
+from .data import EpochSampler, SeededImageFolder, eval_transform, image_folder
 from .errors import LGDError, cli_entry
 from .evaluate import embed_dataset, topk_accuracy, zero_shot_logits
 from .losses import lgd_loss
 from .models import LGDStudent, available_students, build_student
 from .toyworld import default_home, ensure_toy_world
+from .views import MocoV2View
 
 
 def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
@@ -49,6 +52,7 @@ class TrainConfig:
     templates: str = field(default="imagenet", metadata=_opt("prompt templates: a set name, a text file, or 'toy'"))
     teacher: str = field(default="RN50", metadata=_opt("CLIP teacher: an official name, a checkpoint path, or 'toy'"))
     clip_root: str = field(default="", metadata=_opt("download folder for official CLIP weights (default ~/.cache/clip)"))
+    teacher_cache: str = field(default="", metadata=_opt("teacher-embedding cache built by python -m lgd.cache: training skips the teacher"))
     arch: str = field(default="resnet18", metadata=_opt("student architecture", choices=available_students()))
     image_size: int = field(default=224, metadata=_opt("training and evaluation resolution"))
     min_crop_scale: float = field(default=0.2, metadata=_opt("smallest RandomResizedCrop area fraction (MoCo v2: 0.2)"))
@@ -292,8 +296,44 @@ def zero_shot(embed: nn.Module, loader: DataLoader, tsb: torch.Tensor, device: t
     return {"top1": acc[1], "top5": acc[5]}
 
 
+Phase = Callable[[str], ContextManager[object]]
+
+
+def no_phase(name: str) -> ContextManager[object]:
+    return contextlib.nullcontext()
+
+
+def lgd_step(
+    images: torch.Tensor, state: State, model: nn.Module, teacher: nn.Module, tsb: torch.Tensor, cfg: TrainConfig,
+    autocast: torch.dtype | None, t: torch.Tensor | None = None, phase: Phase = no_phase,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LGD optimisation step; returns ``(loss, l_vis, l_tex)`` without syncing the device.
+
+    ``t`` may carry precomputed teacher embeddings (skipping the teacher); ``phase`` names the parts
+    of the step so that ``lgd.bench`` can time them.
+    """
+    with phase("teacher"):
+        if t is None:
+            t = teacher(images)
+    with phase("student"):
+        with torch.autocast(images.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            s = model(images)
+        t_tsb = t @ tsb.T  # shared by L_TEX and the LGKA assignment
+        # The logits use the VSB as it was before this step's update.
+        loss, l_vis, l_tex = lgd_loss(s, t, tsb, state.vsb.bank, cfg.student_temp, cfg.teacher_temp, cfg.alpha, t_tsb=t_tsb)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+    with phase("optimizer"):
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    with phase("lgka"):
+        # Every rank folds in the teacher embeddings of the whole global batch, so the banks agree.
+        state.vsb.update(du.all_gather_cat(t), labels=du.all_gather_cat(t_tsb.argmax(1)))
+    return loss, l_vis, l_tex
+
+
 def train_one_epoch(
-    cfg: TrainConfig, state: State, model: nn.Module, teacher: FrozenTeacher, tsb: torch.Tensor,
+    cfg: TrainConfig, state: State, model: nn.Module, teacher: FrozenTeacher | None, tsb: torch.Tensor,
     loader: DataLoader, device: torch.device, autocast: torch.dtype | None, schedule: dict[str, int],
     stop: StopRequested, log: RunLog,
 ) -> tuple[bool, int]:
@@ -305,7 +345,7 @@ def train_one_epoch(
     window_start, window_steps = time.time(), 0
     bar = tqdm(total=schedule["per_epoch"], initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                disable=not du.is_main(), dynamic_ncols=True)
-    for images, _, n_bad in loader:
+    for images, _, n_bad, *cached in loader:  # a CachedViewDataset adds the teacher's embeddings
         lr = lr_at(state.step, schedule["total"], schedule["warmup"], peak_lr)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
@@ -313,22 +353,8 @@ def train_one_epoch(
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
-        t = teacher(images)
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            s = model(images)
-        t_tsb = t @ tsb.T  # shared by L_TEX and the LGKA assignment
-        # The logits use the VSB as it was before this step's update.
-        loss, l_vis, l_tex = lgd_loss(s, t, tsb, state.vsb.bank, cfg.student_temp, cfg.teacher_temp, cfg.alpha, t_tsb=t_tsb)
-        if not torch.isfinite(loss):
-            raise LGDError(f"loss is {loss.item()} at step {state.step}; lower the learning rate or disable fp16")
-
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-
-        # LGKA: every rank folds in the teacher embeddings of the whole global batch, so the banks agree.
-        state.vsb.update(du.all_gather_cat(t), labels=du.all_gather_cat(t_tsb.argmax(1)))
+        t = teacher_embeddings(cached[0], device) if cached else None
+        loss, l_vis, l_tex = lgd_step(images, state, model, teacher, tsb, cfg, autocast, t=t)
 
         state.step += 1
         state.batch_in_epoch += 1
@@ -338,6 +364,8 @@ def train_one_epoch(
         bar.update()
         if window_steps == cfg.log_interval or state.batch_in_epoch == schedule["per_epoch"]:
             values = (running / window_steps).tolist()
+            if not math.isfinite(values[0]):
+                raise LGDError(f"loss is {values[0]} near step {state.step}; lower the learning rate or disable fp16")
             img_s = window_steps * cfg.batch_size / (time.time() - window_start)
             record = {"type": "train", "epoch": state.epoch, "step": state.step, "loss": values[0],
                       "l_vis": values[1], "l_tex": values[2], "lr": lr, "img_per_s": img_s}
@@ -376,9 +404,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         tsb = load_or_build_tsb(clip_model, classnames, templates, Path(cfg.cache_dir or default_home()) / "tsb")
     tsb = du.broadcast(tsb.to(device))
     teacher_dtype = autocast if (autocast is not None and device.type == "cuda") else torch.float32
-    teacher = FrozenTeacher(clip_model.visual, teacher_dtype).to(device)
+    visual = clip_model.visual
     del clip_model  # the text tower is not needed any more
-    if cfg.channels_last:
+    # With a teacher cache the teacher never runs in training (it is built once, for the zero-shot baseline).
+    teacher = None if cfg.teacher_cache else FrozenTeacher(visual, teacher_dtype).to(device)
+    if cfg.channels_last and teacher is not None:
         teacher = teacher.to(memory_format=torch.channels_last)
 
     # Student, VSB, optimizer.
@@ -401,7 +431,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # Data.
     local_batch = cfg.batch_size // du.world_size()
-    train_set = SeededImageFolder(image_folder(setup.data / "train"), moco_v2_transform(cfg.image_size, min_scale=cfg.min_crop_scale), cfg.seed)
+    train_folder = image_folder(setup.data / "train")
+    train_set: SeededImageFolder | CachedViewDataset
+    if cfg.teacher_cache:  # refused unless built for this teacher, dataset and view size, and complete
+        cache = open_teacher_cache(cfg.teacher_cache, visual=visual, folder=train_folder, image_size=cfg.image_size,
+                                   min_scale=cfg.min_crop_scale)
+        train_set = CachedViewDataset(train_folder, cache)
+    else:
+        train_set = SeededImageFolder(train_folder, MocoV2View(cfg.image_size, min_scale=cfg.min_crop_scale), cfg.seed)
     sampler = EpochSampler(train_set, du.world_size(), du.rank(), seed=cfg.seed)
     per_epoch = sampler.num_samples // local_batch
     if per_epoch == 0:
@@ -453,7 +490,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if val_loader is not None and (done or state.epoch % cfg.val_interval == 0):
                 if du.is_main():
                     if teacher_metrics is None:
-                        teacher_metrics = zero_shot(teacher, val_loader, tsb, device, None, "zero-shot (teacher)")
+                        evaluated = teacher if teacher is not None else FrozenTeacher(visual, teacher_dtype).to(device)
+                        teacher_metrics = zero_shot(evaluated, val_loader, tsb, device, None, "zero-shot (teacher)")
                     student_metrics = zero_shot(student.eval(), val_loader, tsb, device, autocast, "zero-shot (student)")
                     state.metrics = {"teacher_top1": teacher_metrics["top1"], "teacher_top5": teacher_metrics["top5"],
                                      "student_top1": student_metrics["top1"], "student_top5": student_metrics["top5"]}

@@ -1,0 +1,91 @@
+"""Configs, the student registry and the TSB."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+import yaml
+
+import clip
+from lgd.banks import build_tsb, load_or_build_tsb
+from lgd.config import load_yaml, parse_config, save_config
+from lgd.errors import LGDError
+from lgd.models import STUDENTS, build_student, classifier_name
+from lgd.train import TrainConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("lgd_*.yaml")) + [
+    Path(__file__).resolve().parents[1] / "configs" / "toyworld.yaml"
+]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg = parse_config(TrainConfig, ["--config", str(path)])
+    assert cfg.arch in STUDENTS
+    if path.name != "toyworld.yaml":  # the paper's recipe
+        assert (cfg.teacher, cfg.batch_size, cfg.base_lr, cfg.student_temp, cfg.teacher_temp) == ("RN50", 2048, 0.03, 0.2, 0.01)
+        assert cfg.epochs in (90, 200) and cfg.vsb_momentum == 0.999
+
+
+def test_config_precedence_and_saving(tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 7\nbase_lr: 1\narch: mobilenet_v2\n")
+    cfg = parse_config(TrainConfig, ["--config", str(tmp_path / "c.yaml"), "--epochs", "3", "--no-compile"])
+    assert (cfg.epochs, cfg.base_lr, cfg.arch, cfg.batch_size) == (3, 1.0, "mobilenet_v2", 2048)
+    assert parse_config(TrainConfig, ["--batch_size", "64"]).batch_size == 64
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["epochs"] == 3
+
+
+def test_config_errors(tmp_path):
+    (tmp_path / "bad.yaml").write_text("epoch: 7\n")
+    with pytest.raises(LGDError, match="unknown config key.*epoch"):
+        load_yaml(tmp_path / "bad.yaml", TrainConfig)
+    (tmp_path / "type.yaml").write_text("epochs: many\n")
+    with pytest.raises(LGDError, match="expects int"):
+        load_yaml(tmp_path / "type.yaml", TrainConfig)
+    with pytest.raises(LGDError, match="not found"):
+        load_yaml(tmp_path / "missing.yaml", TrainConfig)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"])
+def test_student_backbone_loads_into_torchvision(arch):
+    student = build_student(arch, embed_dim=32).eval()
+    reference = torchvision.models.get_model(arch, weights=None)
+    result = reference.load_state_dict(student.backbone.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(k.startswith(classifier_name(arch) + ".") for k in result.missing_keys)
+    x = torch.randn(2, 3, 64, 64)
+    emb = student(x)
+    assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert student.features(x).shape == (2, student.feature_dim)
+    head = student.head
+    assert isinstance(head[0], torch.nn.Linear) and isinstance(head[1], torch.nn.ReLU) and isinstance(head[2], torch.nn.Linear)
+    assert head[0].in_features == head[0].out_features == student.feature_dim and head[2].out_features == 32
+
+
+def test_unknown_student():
+    with pytest.raises(LGDError, match="unknown student arch 'vgg11'"):
+        build_student("vgg11", 8)
+
+
+def test_tsb_matches_per_prompt_loop_and_is_cached(toy_world, tmp_path):
+    model, _ = clip.load(str(toy_world.teacher))
+    names, templates = ["red circle", "blue cross", "green square"], ["a photo of a {}.", "a drawing of a {}."]
+    tsb = build_tsb(model, names, templates)
+    with torch.no_grad():
+        rows = []
+        for name in names:
+            prompts = [F.normalize(model.encode_text(clip.tokenize([t.format(name)], context_length=16))[0], dim=0)
+                       for t in templates]
+            rows.append(F.normalize(torch.stack(prompts).mean(0), dim=0))
+    torch.testing.assert_close(tsb, torch.stack(rows), rtol=0, atol=1e-6)
+
+    cached = load_or_build_tsb(model, names, templates, tmp_path)
+    files = list(tmp_path.glob("tsb-*.pt"))
+    assert len(files) == 1 and torch.equal(cached, tsb)
+    assert torch.equal(load_or_build_tsb(model, names, templates, tmp_path), tsb)
+    load_or_build_tsb(model, names[:2], templates, tmp_path)
+    assert len(list(tmp_path.glob("tsb-*.pt"))) == 2  # another class-name set gets another entry

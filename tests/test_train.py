@@ -1,0 +1,202 @@
+"""The training engine: the toy-world learning requirement, resume exactness, signals, DDP, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from lgd import distributed as du
+from lgd.checkpoint import load_checkpoint
+from lgd.data import eval_transform, image_folder
+from lgd.evaluate import embed_dataset, topk_accuracy, zero_shot_logits
+from lgd.models import build_student
+from lgd.train import TrainConfig, check_config, lr_at, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mini_world(toy_world, tmp_path_factory) -> Path:
+    """A small ImageFolder of toy-world links (8 train / 4 val images per class) for fast engine tests."""
+    root = tmp_path_factory.mktemp("mini_world")
+    for split, count in (("train", 8), ("val", 4)):
+        for class_dir in sorted((toy_world.data / split).iterdir()):
+            target = root / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (target / image.name).symlink_to(image)
+    return root
+
+
+def mini_args(toy_world, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data", str(data), "--teacher", str(toy_world.teacher), "--text", str(toy_world.classnames),
+        "--templates", str(toy_world.templates), "--image-size", "32", "--batch-size", "32", "--epochs", "2",
+        "--warmup-epochs", "1", "--optimizer", "adamw", "--base-lr", "0.004", "--workers", "0",
+        "--log-interval", "1", "--val-interval", "1", "--output", str(out), *extra,
+    ]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(out / "checkpoint_last.pth")
+    return {**{f"model.{k}": v for k, v in ckpt["model"].items()}, **{f"vsb.{k}": v for k, v in ckpt["vsb"].items()}}
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+@pytest.mark.slow
+def test_toy_world_lgd_student_learns(toy_run, toy_world):
+    """The built-in default: teacher >= 90 %, LGD student >= 75 % zero-shot, far above a random-init student."""
+    assert toy_run["teacher_top1"] >= 90.0
+    assert toy_run["student_top1"] >= 75.0
+    ckpt = load_checkpoint(toy_run["output"] / "checkpoint_last.pth")
+    val = image_folder(toy_world.data / "val")
+    val.transform = eval_transform(32)
+    torch.manual_seed(123)
+    random_student = build_student(ckpt["arch"], ckpt["embed_dim"]).eval()
+    feats, labels = embed_dataset(random_student, DataLoader(val, batch_size=200), torch.device("cpu"))
+    random_top1 = topk_accuracy(zero_shot_logits(feats, ckpt["tsb"]), labels)[1]
+    assert toy_run["student_top1"] >= random_top1 + 40.0
+    out = toy_run["output"]
+    assert (out / "config.yaml").is_file() and (out / "tb").is_dir()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {r["type"] for r in records} == {"train", "val"}
+    assert set(toy_run) >= {"teacher_top1", "student_top1", "epochs", "seconds", "checkpoint"}
+
+
+def test_resume_after_an_epoch_is_bit_identical(toy_world, mini_world, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    main(mini_args(toy_world, mini_world, full))
+    main(mini_args(toy_world, mini_world, split, "--stop-after", "1"))
+    assert load_checkpoint(split / "checkpoint_last.pth")["epoch"] == 1
+    main(mini_args(toy_world, mini_world, split, "--resume", "auto"))
+    assert load_checkpoint(split / "checkpoint_last.pth")["epoch"] == 2
+    assert_identical(final_weights(full), final_weights(split))
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_world, mini_world, tmp_path):
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    main(mini_args(toy_world, mini_world, reference, "--epochs", "3"))
+    cmd = [sys.executable, "-m", "lgd.train", *mini_args(toy_world, mini_world, stopped, "--epochs", "3")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = stopped / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        steps = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        if any(r["type"] == "train" and r["step"] >= 8 for r in steps):  # mid-way through epoch 2
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    ckpt = load_checkpoint(stopped / "checkpoint_last.pth")
+    assert 0 < ckpt["batch_in_epoch"] < 6 and ckpt["epoch"] == 1, (ckpt["epoch"], ckpt["batch_in_epoch"])
+    main(mini_args(toy_world, mini_world, stopped, "--epochs", "3", "--resume", "auto"))
+    assert_identical(final_weights(reference), final_weights(stopped))
+
+
+def test_two_process_gloo_run(toy_world, mini_world, tmp_path):
+    """torchrun with 2 CPU processes: VSB identical on both ranks after every step and equal to one process
+    over the same global batch; then a full engine run where only rank 0 writes."""
+    dump = tmp_path / "vsb"
+    script = REPO / "tests" / "ddp_vsb_check.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([*run, str(script), str(toy_world.teacher), str(mini_world), str(dump)], check=True, cwd=REPO, env=env)
+    subprocess.run([sys.executable, str(script), str(toy_world.teacher), str(mini_world), str(dump / "single")],
+                   check=True, cwd=REPO, env=env)
+    steps = sorted(p.name for p in (dump / "single").iterdir())
+    assert len(steps) == 4
+    for name in steps:
+        rank0, rank1 = (torch.load(dump / f"rank{r}" / name, weights_only=True) for r in (0, 1))
+        single = torch.load(dump / "single" / name, weights_only=True)
+        assert torch.equal(rank0["bank"], rank1["bank"]) and torch.equal(rank0["seen"], rank1["seen"])
+        torch.testing.assert_close(rank0["bank"], single["bank"], rtol=0, atol=1e-6)
+        assert torch.equal(rank0["seen"], single["seen"])
+
+    out = tmp_path / "ddp_run"
+    cmd = [*run, "-m", "lgd.train", *mini_args(toy_world, mini_world, out, "--epochs", "1")]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("== LGD run summary ==") == 1
+    train_records = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 7))  # 192 images / 32 per step, logged once
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint_last.pth", "config.yaml", "log.jsonl", "tb", "train_metrics.json"]
+
+
+def test_lr_schedule():
+    peak, total, warmup = 0.3, 100, 10
+    assert lr_at(0, total, warmup, peak) == pytest.approx(peak / warmup)
+    assert lr_at(warmup - 1, total, warmup, peak) == pytest.approx(peak)
+    assert lr_at(warmup, total, warmup, peak) == pytest.approx(peak)
+    assert lr_at(55, total, warmup, peak) == pytest.approx(peak / 2)
+    assert lr_at(total, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_at(s, total, warmup, peak) >= lr_at(s + 1, total, warmup, peak) for s in range(warmup, total))
+
+
+def expect_user_error(capsys, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_bad_input_errors(toy_world, mini_world, tmp_path, capsys):
+    expect_user_error(capsys, [], "no --data given")
+    expect_user_error(capsys, mini_args(toy_world, tmp_path / "missing", tmp_path / "o1"), "image folder not found")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    expect_user_error(capsys, mini_args(toy_world, tmp_path / "empty", tmp_path / "o2"), "is not an ImageFolder")
+    expect_user_error(capsys, [*mini_args(toy_world, mini_world, tmp_path / "o3"), "--text", "klingon"], "klingon")
+    expect_user_error(capsys, [*mini_args(toy_world, mini_world, tmp_path / "o4"), "--teacher", "RN51"], "RN51")
+    expect_user_error(capsys, [*mini_args(toy_world, mini_world, tmp_path / "o5"), "--batch-size", "1000"],
+                      "fewer than one batch")
+    with pytest.raises(SystemExit):
+        main([*mini_args(toy_world, mini_world, tmp_path / "o6"), "--arch", "alexnet"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_resume_from_another_arch_is_refused(toy_world, mini_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(mini_args(toy_world, mini_world, out, "--epochs", "1", "--stop-after", "1"))
+    capsys.readouterr()
+    expect_user_error(capsys, [*mini_args(toy_world, mini_world, out, "--resume", "auto"), "--arch", "mobilenet_v2"],
+                      "holds a resnet18 student")
+
+
+def test_batch_must_divide_by_world_size(monkeypatch):
+    monkeypatch.setattr(du, "world_size", lambda: 2)
+    with pytest.raises(Exception, match="not divisible by the world size 2"):
+        check_config(TrainConfig(batch_size=33))
+
+
+def test_unreadable_images_are_skipped_and_counted(toy_world, mini_world, tmp_path, capsys):
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for class_dir in (mini_world / split).iterdir():
+            (data / split / class_dir.name).mkdir(parents=True)
+            for image in class_dir.iterdir():
+                (data / split / class_dir.name / image.name).symlink_to(image.resolve())
+    broken = sorted((data / "train").iterdir())[0] / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        main([*mini_args(toy_world, data, tmp_path / "ok"), "--epochs", "1"])
+    capsys.readouterr()
+    for class_dir in list((data / "train").iterdir())[:6]:
+        for i in range(3):
+            (class_dir / f"broken{i}.png").write_bytes(b"")
+    with pytest.warns(UserWarning):
+        expect_user_error(capsys, [*mini_args(toy_world, data, tmp_path / "bad"), "--epochs", "1"], "unreadable images")
