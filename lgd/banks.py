@@ -104,24 +104,23 @@ class VisualSemanticsBank(nn.Module):
         """Fold a global batch into the bank: first hit ``V_c = z_c``, later ``V_c = m V_c + (1 - m) z_c``.
 
         ``z_c`` is the mean teacher embedding assigned to class ``c`` (not renormalised). Pass ``labels`` if
-        the assignment is already known (the training step shares ``t @ TSB`` with L_TEX). Dense and
-        sync-free: per-class sums by ``index_add_``, then one masked blend over the bank.
+        the assignment is already known (the training step shares ``t @ TSB`` with L_TEX). Vectorised and
+        sync-free, and only the rows of classes in the batch are read and written: every sample computes
+        its class's new row, and samples of one class write identical values.
         """
         if labels is None:
             if tsb is None:
                 raise ValueError("VisualSemanticsBank.update needs either tsb or labels")
             labels = self.assign(t, tsb)
         t = t.to(self.bank.dtype)
-        num_classes = self.bank.shape[0]
+        ones = torch.ones_like(labels, dtype=t.dtype)
+        counts = torch.zeros(self.bank.shape[0], dtype=t.dtype, device=t.device).index_add_(0, labels, ones)
         sums = torch.zeros_like(self.bank).index_add_(0, labels, t)
-        counts = torch.zeros(num_classes, dtype=t.dtype, device=t.device).index_add_(
-            0, labels, torch.ones_like(labels, dtype=t.dtype)
-        )
-        hit = counts > 0
-        means = sums / counts.clamp_min(1).unsqueeze(1)
-        blended = torch.where(self.seen.unsqueeze(1), self.momentum * self.bank + (1 - self.momentum) * means, means)
-        self.bank.copy_(torch.where(hit.unsqueeze(1), blended, self.bank))
-        self.seen |= hit
+        z = sums.index_select(0, labels) / counts.index_select(0, labels).unsqueeze(1)  # each sample's class mean
+        # lerp(V, z, 1 - m) = m V + (1 - m) z; a weight of 1 gives z exactly (the class's first hit).
+        weight = torch.where(self.seen.index_select(0, labels), 1 - self.momentum, 1.0).to(t.dtype).unsqueeze(1)
+        self.bank.index_copy_(0, labels, torch.lerp(self.bank.index_select(0, labels), z, weight))
+        self.seen.index_fill_(0, labels, True)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.bank.shape[0]}, dim={self.bank.shape[1]}, momentum={self.momentum}"

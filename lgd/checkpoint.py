@@ -56,6 +56,22 @@ def safe_load(path: str | os.PathLike) -> Any:
         raise LGDError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
 
 
+def resume_path(resume: str, out: Path, filename: str = "checkpoint_last.pth") -> Path | None:
+    """The checkpoint ``--resume`` points at: ``''`` none, ``auto`` the run folder's own if it exists, else a path."""
+    if not resume:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    path = out / filename
+    if path.is_file():
+        return path
+    from . import distributed
+
+    if distributed.is_main():
+        print(f"--resume auto: no {filename} in {out}, starting from scratch")
+    return None
+
+
 def is_lgd_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 

@@ -19,6 +19,11 @@ from .errors import LGDError
 C = TypeVar("C")
 
 
+def opt(help_text: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata for a config key: its ``--help`` text, plus e.g. ``choices``."""
+    return {"help": help_text, **extra}
+
+
 def _field_type(cls: type, field: dataclasses.Field) -> type:
     """The concrete scalar type of a field, with ``X | None`` unwrapped."""
     hint = typing.get_type_hints(cls)[field.name]

@@ -27,61 +27,60 @@ import clip
 
 from . import distributed as du
 from .banks import VisualSemanticsBank, class_text, load_or_build_tsb
-from .checkpoint import FORMAT, VERSION, atomic_torch_save, load_checkpoint
-from .config import parse_config, save_config
+from .checkpoint import FORMAT, VERSION, atomic_torch_save, load_checkpoint, resume_path
+from .config import opt, parse_config, save_config
 from .cache import CachedViewDataset, open_teacher_cache, teacher_embeddings
 from .data import EpochSampler, SeededImageFolder, eval_transform, image_folder
 from .errors import LGDError, cli_entry
 from .evaluate import embed_dataset, topk_accuracy, zero_shot_logits
+from .knn import knn_monitor, shard
 from .losses import lgd_loss
 from .models import LGDStudent, available_students, build_student
 from .toyworld import default_home, ensure_toy_world
 from .views import MocoV2View
 
 
-def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": help_text, **extra}
-
-
 @dataclass
 class TrainConfig:
     """Defaults are the authors' recipe (RN50 teacher, ResNet-18 student, 200 epochs, batch 2048)."""
 
-    data: str = field(default="", metadata=_opt("ImageFolder root with train/ (and optional val/), or 'toy'"))
-    text: str = field(default="folder", metadata=_opt("class names of the banks: a set name, a text file, 'folder', or 'toy'"))
-    templates: str = field(default="imagenet", metadata=_opt("prompt templates: a set name, a text file, or 'toy'"))
-    teacher: str = field(default="RN50", metadata=_opt("CLIP teacher: an official name, a checkpoint path, or 'toy'"))
-    clip_root: str = field(default="", metadata=_opt("download folder for official CLIP weights (default ~/.cache/clip)"))
-    teacher_cache: str = field(default="", metadata=_opt("teacher-embedding cache built by python -m lgd.cache: training skips the teacher"))
-    arch: str = field(default="resnet18", metadata=_opt("student architecture", choices=available_students()))
-    image_size: int = field(default=224, metadata=_opt("training and evaluation resolution"))
-    min_crop_scale: float = field(default=0.2, metadata=_opt("smallest RandomResizedCrop area fraction (MoCo v2: 0.2)"))
-    student_temp: float = field(default=0.2, metadata=_opt("student temperature τ_s"))
-    teacher_temp: float = field(default=0.01, metadata=_opt("teacher temperature τ_t"))
-    alpha: float = field(default=0.5, metadata=_opt("loss = alpha * L_VIS + (1 - alpha) * L_TEX"))
-    vsb_momentum: float = field(default=0.999, metadata=_opt("momentum m of the VSB rows"))
-    epochs: int = field(default=200, metadata=_opt("training epochs"))
-    batch_size: int = field(default=2048, metadata=_opt("global batch size (split over all ranks)"))
-    base_lr: float = field(default=0.03, metadata=_opt("learning rate per 256 images (lr = base_lr * batch/256)"))
-    optimizer: str = field(default="sgd", metadata=_opt("sgd (the paper's) or adamw", choices=["sgd", "adamw"]))
-    momentum: float = field(default=0.9, metadata=_opt("SGD momentum"))
-    weight_decay: float = field(default=1e-4, metadata=_opt("weight decay"))
-    warmup_epochs: int = field(default=5, metadata=_opt("linear warm-up epochs before the cosine decay"))
-    workers: int = field(default=8, metadata=_opt("data-loading processes per rank"))
-    max_bad_images: float = field(default=0.01, metadata=_opt("fraction of unreadable images tolerated per epoch"))
-    output: str = field(default="runs/lgd", metadata=_opt("run folder (checkpoints, logs, config)"))
-    resume: str = field(default="", metadata=_opt("'auto' (the run folder's last checkpoint, if any) or a checkpoint path"))
-    seed: int = field(default=0, metadata=_opt("seed of initialisation, data order and augmentation"))
-    device: str = field(default="auto", metadata=_opt("'auto', 'cpu' or 'cuda'"))
-    amp: str = field(default="auto", metadata=_opt("autocast: auto (bf16 on GPU, off on CPU), bf16, fp16, off",
+    data: str = field(default="", metadata=opt("ImageFolder root with train/ (and optional val/), or 'toy'"))
+    text: str = field(default="folder", metadata=opt("class names of the banks: a set name, a text file, 'folder', or 'toy'"))
+    templates: str = field(default="imagenet", metadata=opt("prompt templates: a set name, a text file, or 'toy'"))
+    teacher: str = field(default="RN50", metadata=opt("CLIP teacher: an official name, a checkpoint path, or 'toy'"))
+    clip_root: str = field(default="", metadata=opt("download folder for official CLIP weights (default ~/.cache/clip)"))
+    teacher_cache: str = field(default="", metadata=opt("teacher-embedding cache built by python -m lgd.cache: training skips the teacher"))
+    arch: str = field(default="resnet18", metadata=opt("student architecture", choices=available_students()))
+    image_size: int = field(default=224, metadata=opt("training and evaluation resolution"))
+    min_crop_scale: float = field(default=0.2, metadata=opt("smallest RandomResizedCrop area fraction (MoCo v2: 0.2)"))
+    student_temp: float = field(default=0.2, metadata=opt("student temperature τ_s"))
+    teacher_temp: float = field(default=0.01, metadata=opt("teacher temperature τ_t"))
+    alpha: float = field(default=0.5, metadata=opt("loss = alpha * L_VIS + (1 - alpha) * L_TEX"))
+    vsb_momentum: float = field(default=0.999, metadata=opt("momentum m of the VSB rows"))
+    epochs: int = field(default=200, metadata=opt("training epochs"))
+    batch_size: int = field(default=2048, metadata=opt("global batch size (split over all ranks)"))
+    base_lr: float = field(default=0.03, metadata=opt("learning rate per 256 images (lr = base_lr * batch/256)"))
+    optimizer: str = field(default="sgd", metadata=opt("sgd (the paper's) or adamw", choices=["sgd", "adamw"]))
+    momentum: float = field(default=0.9, metadata=opt("SGD momentum"))
+    weight_decay: float = field(default=1e-4, metadata=opt("weight decay"))
+    warmup_epochs: int = field(default=5, metadata=opt("linear warm-up epochs before the cosine decay"))
+    workers: int = field(default=8, metadata=opt("data-loading processes per rank"))
+    max_bad_images: float = field(default=0.01, metadata=opt("fraction of unreadable images tolerated per epoch"))
+    output: str = field(default="runs/lgd", metadata=opt("run folder (checkpoints, logs, config)"))
+    resume: str = field(default="", metadata=opt("'auto' (the run folder's last checkpoint, if any) or a checkpoint path"))
+    seed: int = field(default=0, metadata=opt("seed of initialisation, data order and augmentation"))
+    device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
+    amp: str = field(default="auto", metadata=opt("autocast: auto (bf16 on GPU, off on CPU), bf16, fp16, off",
                                                    choices=["auto", "bf16", "fp16", "off"]))
-    channels_last: bool = field(default=False, metadata=_opt("channels_last memory format for teacher and student"))
-    compile: bool = field(default=False, metadata=_opt("torch.compile the student"))
-    val_interval: int = field(default=10, metadata=_opt("zero-shot evaluation on val/ every N epochs (and at the end)"))
-    save_interval: int = field(default=0, metadata=_opt("also keep checkpoint_epNNNN.pth every N epochs (0: only the last)"))
-    log_interval: int = field(default=20, metadata=_opt("steps between log lines"))
-    stop_after: int = field(default=0, metadata=_opt("exit cleanly after N epochs of this run (time-limited jobs)"))
-    cache_dir: str = field(default="", metadata=_opt("TSB and toy-world cache (default $LGD_HOME or ~/.cache/lgd)"))
+    channels_last: bool = field(default=False, metadata=opt("channels_last memory format for teacher and student"))
+    compile: bool = field(default=False, metadata=opt("torch.compile the student"))
+    val_interval: int = field(default=10, metadata=opt("zero-shot evaluation on val/ every N epochs (and at the end)"))
+    knn_interval: int = field(default=0, metadata=opt("weighted kNN (k=20, T=0.07) of val/ against train/ on backbone "
+                                                       "features every N epochs (and at the end); 0: off"))
+    save_interval: int = field(default=0, metadata=opt("also keep checkpoint_epNNNN.pth every N epochs (0: only the last)"))
+    log_interval: int = field(default=20, metadata=opt("steps between log lines"))
+    stop_after: int = field(default=0, metadata=opt("exit cleanly after N epochs of this run (time-limited jobs)"))
+    cache_dir: str = field(default="", metadata=opt("TSB and toy-world cache (default $LGD_HOME or ~/.cache/lgd)"))
 
 
 @dataclass
@@ -257,12 +256,8 @@ def save_state(state: State, path: Path, cfg: TrainConfig, setup: Setup, tsb: to
 
 def resume_state(state: State, cfg: TrainConfig, out: Path, tsb: torch.Tensor) -> None:
     """Load ``--resume`` into ``state``; refuse checkpoints of another student or text set."""
-    if not cfg.resume:
-        return
-    path = out / "checkpoint_last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-    if cfg.resume == "auto" and not path.is_file():
-        if du.is_main():
-            print(f"--resume auto: no checkpoint in {out}, starting from scratch")
+    path = resume_path(cfg.resume, out)
+    if path is None:
         return
     ckpt = load_checkpoint(path)
     if ckpt["arch"] != cfg.arch:
@@ -456,6 +451,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         elif du.is_main():
             print(f"note: no zero-shot evaluation during training: the text set has {len(classnames)} classes, "
                   f"{setup.data / 'val'} has {len(val_set.classes)} (use python -m lgd.zscls with a matching set)")
+    knn_loaders: list[DataLoader] = []
+    if cfg.knn_interval and (setup.data / "val").is_dir():
+        bank_set, query_set = image_folder(setup.data / "train"), image_folder(setup.data / "val")
+        knn_classes = len(bank_set.classes)
+        if bank_set.classes == query_set.classes:
+            bank_set.transform = query_set.transform = eval_transform(cfg.image_size)
+            knn_loaders = [DataLoader(shard(s), batch_size=min(local_batch, 256), num_workers=cfg.workers,
+                                      pin_memory=device.type == "cuda") for s in (bank_set, query_set)]
+        elif du.is_main():
+            print(f"note: no kNN monitor: {setup.data / 'val'} lacks the class folders of {setup.data / 'train'}")
     schedule = {"per_epoch": per_epoch, "total": per_epoch * cfg.epochs, "warmup": per_epoch * cfg.warmup_epochs}
 
     resume_state(state, cfg, out, tsb)
@@ -499,6 +504,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     print(f"epoch {state.epoch}: zero-shot top-1 student {state.metrics['student_top1']:.2f}% "
                           f"(teacher {state.metrics['teacher_top1']:.2f}%)")
                 du.barrier()
+            if knn_loaders and (done or state.epoch % cfg.knn_interval == 0):
+                knn = knn_monitor(student.eval().features, *knn_loaders, device, knn_classes, autocast=autocast)
+                state.metrics.update(knn)
+                log.write({"type": "knn", "epoch": state.epoch, "step": state.step, **knn}, state.step)
+                if du.is_main():
+                    print(f"epoch {state.epoch}: kNN top-1 {knn['knn_top1']:.2f}% (k=20, T=0.07)")
             if du.is_main():
                 save_state(state, last, cfg, setup, tsb, classnames, templates)
                 if cfg.save_interval and state.epoch % cfg.save_interval == 0:

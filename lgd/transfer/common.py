@@ -27,8 +27,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from .. import distributed as du
-from ..checkpoint import atomic_torch_save, backbone_state_dict, safe_load
-from ..config import save_config
+from ..checkpoint import atomic_torch_save, backbone_state_dict, resume_path, safe_load
+from ..config import opt, save_config
 from ..convert import verify_torchvision_load
 from ..data import NORMALIZATIONS, EpochSampler, normalization
 from ..errors import LGDError
@@ -46,9 +46,6 @@ SCHEDULES = ("step", "cosine", "poly")
 STEP_MILESTONES = (8 / 12, 11 / 12)  # the 1x/2x/3x convention: x0.1 at epochs 8 and 11 of 12 (16, 22 of 24)
 
 
-def opt(help_text: str, **extra: Any) -> dict[str, Any]:
-    """Field metadata that ``lgd.config.parse_config`` turns into a flag's help (and choices)."""
-    return {"help": help_text, **extra}
 
 
 @dataclass
@@ -333,12 +330,8 @@ def save_checkpoint(path: Path, cfg: TransferConfig, task: Task, state: State, o
 def resume_checkpoint(cfg: TransferConfig, out: Path, task: Task, state: State, optimizer: torch.optim.Optimizer,
                       scaler: torch.amp.GradScaler) -> None:
     """Load ``--resume`` into the model, optimizer and ``state``; refuse another task, arch or class list."""
-    if not cfg.resume:
-        return
-    path = out / "checkpoint_last.pth" if cfg.resume == "auto" else Path(cfg.resume)
-    if cfg.resume == "auto" and not path.is_file():
-        if du.is_main():
-            print(f"--resume auto: no checkpoint in {out}, starting from scratch")
+    path = resume_path(cfg.resume, out)
+    if path is None:
         return
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Zero-shot launcher (`python -m lgd.zscls`, one process).
+#   bash scripts/zscls.sh           # the built-in toy world: evaluates runs/toyworld/checkpoint_last.pth on its val/
+#   CHECKPOINT=runs/lgd/checkpoint_last.pth DATA=/data/imagenet bash scripts/zscls.sh --text imagenet
+#   CHECKPOINT=runs/lgd/checkpoint_last.pth DATA=/data/caltech256 bash scripts/zscls.sh --text caltech256
+# Environment: CHECKPOINT, DATA (a root holding val/; add --split '' to evaluate the folder itself), OUTPUT.
+# Extra arguments go to lgd.zscls (e.g. --text, --templates, --no-teacher).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ARGS=()
+if [[ $# -eq 0 && -z "${CHECKPOINT:-}${DATA:-}" ]]; then
+  TOY=runs/toyworld/checkpoint_last.pth
+  if [[ ! -f "$TOY" ]]; then
+    echo "error: no arguments given, so this evaluates the toy-world run $TOY, which does not exist yet;" >&2
+    echo "       train it first with \`bash scripts/train.sh\` (a few minutes on CPU)," >&2
+    echo "       or set CHECKPOINT=... DATA=... for your own checkpoint and dataset" >&2
+    exit 2
+  fi
+  echo "No arguments given: zero-shot evaluation of the built-in toy-world run $TOY on the toy world's val/."
+  ARGS+=(--checkpoint "$TOY" --data toy --output "${OUTPUT:-runs/toyworld/zscls}")
+else
+  [[ -n "${CHECKPOINT:-}" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
+  [[ -n "${DATA:-}" ]] && ARGS+=(--data "$DATA")
+  [[ -n "${OUTPUT:-}" ]] && ARGS+=(--output "$OUTPUT")
+fi
+exec python -m lgd.zscls "${ARGS[@]}" "$@"

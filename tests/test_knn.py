@@ -1,0 +1,69 @@
+"""Weighted kNN monitor: the vote against a plain-loop reference, and the CLI on the toy world."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lgd.evaluate import topk_accuracy
+from lgd.knn import knn_scores, main, merge_nearest, nearest, vote
+from lgd.models import build_backbone
+
+
+def _reference_scores(train, labels, test, num_classes, k, temperature):
+    """Per query, in float64: cosine to every training sample, the k best vote exp(cos / T) for their class."""
+    train, test = F.normalize(train.double(), dim=1), F.normalize(test.double(), dim=1)
+    scores = torch.zeros(len(test), num_classes, dtype=torch.float64)
+    for q in range(len(test)):
+        sims = [(float(test[q] @ train[i]), int(labels[i])) for i in range(len(train))]
+        for sim, label in sorted(sims, reverse=True)[:k]:
+            scores[q, label] += torch.exp(torch.tensor(sim / temperature, dtype=torch.float64))
+    return scores
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn_scores_match_reference(k):
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(60, 8, generator=g), torch.randn(9, 8, generator=g)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    got = knn_scores(train, labels, test, 4, k=k, temperature=0.5, chunk_size=4)  # chunks must not matter
+    want = _reference_scores(train, labels, test, 4, k, 0.5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_bank_merges_to_the_whole_bank():
+    """What DDP ranks do: neighbours per bank shard (one smaller than k), merged, vote like the whole bank."""
+    g = torch.Generator().manual_seed(1)
+    train, test = torch.randn(60, 8, generator=g), torch.randn(9, 8, generator=g)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    parts = [nearest(train[a:b], labels[a:b], test, k=5) for a, b in ((0, 30), (30, 33), (33, 60))]
+    sims, neighbour_labels = merge_nearest(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), 5)
+    whole = knn_scores(train, labels, test, 4, k=5, temperature=0.1)
+    torch.testing.assert_close(vote(sims, neighbour_labels, 4, 0.1), whole)
+
+
+def test_knn_separates_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(5, 16, generator=g), dim=1) * 10
+    labels = torch.arange(5).repeat_interleave(30)
+    train = centres[labels] + torch.randn(150, 16, generator=g)
+    test_labels = torch.arange(5).repeat(4)
+    test = centres[test_labels] + torch.randn(20, 16, generator=g)
+    assert topk_accuracy(knn_scores(train, labels, test, 5), test_labels)[1] == 100.0
+
+
+@pytest.mark.slow
+def test_knn_cli_lgd_student_beats_random_init(toy_run, tmp_path):
+    ckpt = str(toy_run["output"] / "checkpoint_last.pth")
+    common = ["--data", "toy", "--train-fraction", "0.25", "--workers", "0"]  # a bank of 25 images per class
+    lgd = main(["--checkpoint", ckpt, *common, "--output", str(tmp_path / "lgd")])
+    assert json.loads((tmp_path / "lgd" / "knn_metrics.json").read_text())["top1"] == lgd["top1"]
+    assert lgd["k"] == 20 and lgd["temperature"] == 0.07 and lgd["num_train_images"] == 600
+    torch.manual_seed(0)
+    random_init, _ = build_backbone("resnet18")
+    torch.save(random_init.state_dict(), tmp_path / "random.pth")
+    baseline = main(["--checkpoint", str(tmp_path / "random.pth"), "--arch", "resnet18", "--image-size", "32", *common,
+                     "--output", str(tmp_path / "random")])
+    assert lgd["top1"] >= baseline["top1"] + 20, (lgd["top1"], baseline["top1"])

@@ -1,0 +1,144 @@
+"""Zero-shot evaluation: equal to training's numbers and to an independent computation; clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from lgd.checkpoint import atomic_torch_save, load_checkpoint
+from lgd.convert import convert_to_torchvision
+from lgd.data import eval_transform, image_folder
+from lgd.models import build_student
+from lgd.zscls import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(toy_run) -> Path:
+    return toy_run["output"] / "checkpoint_last.pth"
+
+
+@pytest.fixture(scope="module")
+def default_result(toy_checkpoint, tmp_path_factory) -> dict:
+    """What `bash scripts/zscls.sh` computes for the toy-world run (checkpoint TSB, teacher included)."""
+    out = tmp_path_factory.mktemp("zscls")
+    result = main(["--checkpoint", str(toy_checkpoint), "--data", "toy", "--output", str(out), "--workers", "0"])
+    assert json.loads((out / "zscls_metrics.json").read_text()) == json.loads(json.dumps(result))
+    return result
+
+
+def _error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def _variant(src: Path, dst: Path, **changes) -> str:
+    """A copy of an LGD checkpoint with some keys changed (training state dropped)."""
+    ckpt = load_checkpoint(src)
+    keep = {k: v for k, v in ckpt.items() if k not in ("optimizer", "vsb", "scaler", "rng")}
+    atomic_torch_save({**keep, **changes}, dst)
+    return str(dst)
+
+
+@pytest.mark.slow
+def test_builtin_default_runs_the_toy_world(toy_checkpoint, default_result, tmp_path):
+    """`bash scripts/zscls.sh` with no arguments evaluates runs/toyworld/checkpoint_last.pth, or says how to make it."""
+    (tmp_path / "runs" / "toyworld").mkdir(parents=True)
+    shutil.copytree(REPO / "scripts", tmp_path / "scripts")
+    env = {k: v for k, v in os.environ.items() if k not in ("CHECKPOINT", "DATA", "OUTPUT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    script = ["bash", str(tmp_path / "scripts" / "zscls.sh")]
+    missing = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and "bash scripts/train.sh" in missing.stderr
+    (tmp_path / "runs" / "toyworld" / "checkpoint_last.pth").symlink_to(toy_checkpoint)
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "toy-world run runs/toyworld/checkpoint_last.pth" in done.stdout
+    metrics = json.loads((tmp_path / "runs" / "toyworld" / "zscls" / "zscls_metrics.json").read_text())
+    assert metrics["student_top1"] == default_result["student_top1"]
+    assert metrics["teacher_top1"] == default_result["teacher_top1"]
+
+
+def test_equals_what_training_reported(default_result, toy_run):
+    assert default_result["student_top1"] == pytest.approx(toy_run["student_top1"], abs=1e-9)
+    assert default_result["student_top5"] == pytest.approx(toy_run["student_top5"], abs=1e-9)
+    assert default_result["teacher_top1"] == pytest.approx(toy_run["teacher_top1"], abs=1e-9)
+    assert default_result["num_classes"] == 24 and default_result["num_images"] == 600
+    assert default_result["text"] == "checkpoint"
+
+
+def test_equals_an_independent_computation(default_result, toy_checkpoint, toy_world):
+    ckpt = load_checkpoint(toy_checkpoint)
+    student = build_student(ckpt["arch"], ckpt["embed_dim"])
+    student.load_state_dict(ckpt["model"])
+    student.eval()
+    val = image_folder(toy_world.data / "val")
+    val.transform = eval_transform(ckpt["config"]["image_size"])
+    embeddings, labels = [], []
+    with torch.no_grad():
+        for images, target in DataLoader(val, batch_size=100):
+            embeddings.append(student.head(student.backbone(images)))
+            labels.append(target)
+    logits = 100 * F.normalize(torch.cat(embeddings), dim=1) @ ckpt["tsb"].T
+    labels = torch.cat(labels)
+    top5 = logits.topk(5, dim=1).indices
+    correct = top5[:, 0] == labels
+    assert default_result["student_top1"] == pytest.approx(100 * correct.float().mean().item(), abs=1e-4)
+    assert default_result["student_top5"] == pytest.approx(100 * (top5 == labels[:, None]).any(1).float().mean().item(),
+                                                           abs=1e-4)
+    for c, name in enumerate(ckpt["classnames"]):
+        row = default_result["per_class"][name]
+        assert row["images"] == int((labels == c).sum())
+        assert row["student"] == pytest.approx(100 * correct[labels == c].float().mean().item(), abs=1e-4)
+    # The confusion summary lists real errors, most frequent first.
+    pred = top5[:, 0]
+    names = list(ckpt["classnames"])
+    counts = [p["images"] for p in default_result["confused"]]
+    assert counts == sorted(counts, reverse=True)
+    for pair in default_result["confused"]:
+        t, p = names.index(pair["true"]), names.index(pair["predicted"])
+        assert t != p and pair["images"] == int(((labels == t) & (pred == p)).sum())
+
+
+def test_rebuilt_tsb_from_folder_names_gives_the_same_numbers(default_result, toy_checkpoint, tmp_path):
+    # The toy world's folders are the class names ('red_circle' -> 'red circle'), in the banks' order.
+    result = main(["--checkpoint", str(toy_checkpoint), "--data", "toy", "--text", "folder", "--templates", "toy",
+                   "--no-teacher", "--output", str(tmp_path), "--workers", "0"])
+    assert result["student_top1"] == pytest.approx(default_result["student_top1"], abs=1e-9)
+    assert result["teacher_top1"] is None and result["text"] == "folder"
+
+
+def test_class_count_mismatch_shows_both_counts(toy_checkpoint, tmp_path, capsys):
+    err = _error(capsys, ["--checkpoint", str(toy_checkpoint), "--data", "toy", "--text", "cifar10",
+                          "--output", str(tmp_path)])
+    assert "class count mismatch" in err and "10 classes" in err and "24 class folders" in err
+
+
+def test_missing_checkpoint_says_how_to_make_one(tmp_path, capsys):
+    err = _error(capsys, ["--checkpoint", str(tmp_path / "none.pth"), "--data", "toy", "--output", str(tmp_path)])
+    assert "checkpoint not found" in err and "bash scripts/train.sh" in err
+
+
+def test_checkpoint_of_another_arch_is_refused(toy_checkpoint, tmp_path, capsys):
+    bad = _variant(toy_checkpoint, tmp_path / "mislabelled.pth", arch="mobilenet_v2")
+    err = _error(capsys, ["--checkpoint", bad, "--data", "toy", "--output", str(tmp_path)])
+    assert "mobilenet_v2" in err and "do not fit" in err
+    convert_to_torchvision(toy_checkpoint, tmp_path / "tv.pth")  # a backbone alone has no head and no TSB
+    err = _error(capsys, ["--checkpoint", str(tmp_path / "tv.pth"), "--data", "toy", "--output", str(tmp_path)])
+    assert "not an LGD checkpoint" in err
+
+
+def test_teacher_that_moved_is_a_clear_error(toy_checkpoint, tmp_path, capsys):
+    moved = _variant(toy_checkpoint, tmp_path / "moved.pth", teacher=str(tmp_path / "gone" / "teacher.pt"))
+    err = _error(capsys, ["--checkpoint", moved, "--data", "toy", "--output", str(tmp_path)])
+    assert "gone/teacher.pt" in err and "--teacher-model" in err and "--no-teacher" in err
