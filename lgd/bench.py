@@ -41,6 +41,7 @@ from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 import clip
 from clip.model import CLIP
@@ -374,7 +375,9 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
                        args.compile, args.cached)
         settings = [parse_override(spec, base) for spec in args.compare] if args.compare else [base]
         runners = [StepRunner(s, args, device, towers) for s in settings]
-        for i in range(args.warmup + args.steps):
+        label = f"{arch}: {' vs '.join(args.compare)}" if args.compare else arch
+        for i in tqdm(range(args.warmup + args.steps), desc=label, unit="step", disable=not du.is_main(),
+                      dynamic_ncols=True):
             # A B, B A, A B, ...: neither setting always runs right after the other one.
             for runner in runners if i % 2 == 0 else runners[::-1]:
                 runner.step(keep=i >= args.warmup)

@@ -42,7 +42,7 @@ import clip
 
 from . import distributed as du
 from .config import opt, parse_config
-from .data import image_folder, rgb_loader, sample_seed
+from .data import image_folder, loader_workers, rgb_loader, sample_seed
 from .errors import LGDError, cli_entry
 from .toyworld import ensure_toy_world
 from .views import PARAMS_DTYPE, MocoV2View, ViewParams
@@ -391,7 +391,7 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
     teacher = FrozenTeacher(visual, dtype).to(device)
     if cfg.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
-    loader = DataLoader(_ImageViews(folder, view, cfg.seed, cfg.views), batch_sampler=batches, num_workers=cfg.workers,
+    loader = DataLoader(_ImageViews(folder, view, cfg.seed, cfg.views), batch_sampler=batches, num_workers=loader_workers(cfg.workers),
                         collate_fn=_collate_views, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if cfg.workers > 0 else None)
     buffers: dict[int, np.ndarray] = {}

@@ -24,6 +24,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
+def loader_workers(requested: int) -> int:
+    """Cap DataLoader processes at the CPUs this process may use: more only add memory and contention
+    (and PyTorch warns), so config defaults written for GPU servers also run well on a laptop."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(0, min(requested, available))
+
+
 def normalization(name: str) -> transforms.Normalize:
     """LGD students are trained on CLIP-normalised inputs; evaluation must use the same constants."""
     if name not in NORMALIZATIONS:

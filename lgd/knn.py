@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed as du
 from .config import opt, parse_config
-from .data import NORMALIZATIONS, eval_transform, image_folder
+from .data import NORMALIZATIONS, eval_transform, image_folder, loader_workers
 from .errors import LGDError, cli_entry
 from .evaluate import embed_dataset, topk_accuracy
 
@@ -147,7 +147,7 @@ def knn(cfg: KnnConfig) -> dict[str, Any]:
                        f"({len(bank_set.classes)} vs {len(query_set.classes)} classes)")
     restrict(bank_set, balanced_subset(bank_set.targets, cfg.train_fraction, cfg.seed))
     bank_set.transform = query_set.transform = eval_transform(image_size, cfg.norm)
-    loaders = [DataLoader(shard(s), batch_size=cfg.batch_size, num_workers=cfg.workers,
+    loaders = [DataLoader(shard(s), batch_size=cfg.batch_size, num_workers=loader_workers(cfg.workers),
                           pin_memory=device.type == "cuda") for s in (bank_set, query_set)]
     if du.is_main():
         print(f"kNN (k={cfg.k}, T={cfg.temperature}): {loaded.source}\n  bank {len(bank_set)} images of "

@@ -33,12 +33,12 @@ from . import distributed as du
 from .checkpoint import atomic_torch_save, backbone_state_dict, is_lgd_checkpoint, resume_path, safe_load
 from .config import opt, parse_config, save_config
 from .convert import verify_torchvision_load
-from .data import (NORMALIZATIONS, EpochSampler, SeededImageFolder, eval_transform, image_folder, normalization,
-                   sample_seed)
+from .data import (NORMALIZATIONS, EpochSampler, SeededImageFolder, eval_transform, image_folder, loader_workers,
+                   normalization, sample_seed)
 from .errors import LGDError, cli_entry
 from .models import build_backbone, classifier_name
 from .toyworld import ensure_toy_world
-from .train import RunLog, StopRequested, amp_dtype
+from .train import RunLog, StopRequested, amp_dtype, stop_after_reached
 
 TOY_HINT = "train the toy-world student first with `bash scripts/train.sh`"
 
@@ -262,7 +262,7 @@ def extract_features(backbone: FrozenBackbone, feature_dim: int, dataset: Seeded
         shard = list(range(du.rank(), len(dataset), du.world_size()))
         for view in range(max(1, views)):
             keys = [(i, view) for i in shard]
-            loader = DataLoader(Subset(dataset, keys), batch_size=batch_size, num_workers=workers,
+            loader = DataLoader(Subset(dataset, keys), batch_size=batch_size, num_workers=loader_workers(workers),
                                 pin_memory=device.type == "cuda")
             rows = iter(shard)
             for images, *_ in tqdm(loader, desc=f"{desc} (view {view + 1}/{max(1, views)})", disable=not du.is_main(),
@@ -465,10 +465,10 @@ def build_data(cfg: LinclsConfig, root: Path, train_folder: datasets.ImageFolder
         return ProbeData(train_set, train_loader, sampler, val_loader, images=False, mode=mode)
     train_set = SeededImageFolder(train_folder, augment if cfg.augment else val_transform, cfg.seed)
     sampler = EpochSampler(train_set, du.world_size(), du.rank(), seed=cfg.seed)
-    train_loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=cfg.workers,
+    train_loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=loader_workers(cfg.workers),
                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
     val_folder.transform = val_transform
-    val_loader = DataLoader(Subset(val_folder, val_shard), batch_size=local_batch, num_workers=cfg.workers,
+    val_loader = DataLoader(Subset(val_folder, val_shard), batch_size=local_batch, num_workers=loader_workers(cfg.workers),
                             pin_memory=device.type == "cuda")
     mode = "standard" if cfg.augment else "standard (no augmentation)"
     return ProbeData(train_set, train_loader, sampler, val_loader, images=True, mode=mode)
@@ -524,12 +524,7 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
             data.sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * local_batch)
             if train_one_epoch(cfg, state, train_backbone, model, data.train_loader, per_epoch, device, autocast,
                                stop, log):
-                if du.is_main():
-                    save_probe(state, last, cfg, identity)
-                    print(f"stopped by signal {stop.signum} at epoch {state.epoch} step {state.step}; saved {last}; "
-                          "continue with --resume auto")
-                du.barrier()
-                raise SystemExit(128 + stop.signum)
+                stop.save_and_exit(lambda: save_probe(state, last, cfg, identity), state.epoch, state.step, last)
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             done = state.epoch == cfg.epochs
             if done or state.epoch % cfg.eval_interval == 0:
@@ -540,9 +535,7 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
                           f"top-5 {state.metrics['top5']:.2f}%")
             if du.is_main():
                 save_probe(state, last, cfg, identity)
-            if cfg.stop_after and state.epoch - first_epoch >= cfg.stop_after and not done:
-                if du.is_main():
-                    print(f"stopping after {cfg.stop_after} epoch(s) as asked; continue with --resume auto")
+            if stop_after_reached(cfg.stop_after, state.epoch - first_epoch, done):
                 break
     finally:
         stop.restore()

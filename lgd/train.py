@@ -30,7 +30,7 @@ from .banks import VisualSemanticsBank, class_text, load_or_build_tsb
 from .checkpoint import FORMAT, VERSION, atomic_torch_save, load_checkpoint, resume_path
 from .config import opt, parse_config, save_config
 from .cache import CachedViewDataset, open_teacher_cache, teacher_embeddings
-from .data import EpochSampler, SeededImageFolder, eval_transform, image_folder
+from .data import EpochSampler, SeededImageFolder, eval_transform, image_folder, loader_workers
 from .errors import LGDError, cli_entry
 from .evaluate import embed_dataset, topk_accuracy, zero_shot_logits
 from .knn import knn_monitor, shard
@@ -179,6 +179,24 @@ class StopRequested:
             return self.signum != 0
         flag = torch.tensor([float(self.signum)], device=device)
         return du.all_reduce_sum(flag).item() > 0
+
+    def save_and_exit(self, save: Callable[[], None], epoch: int, step: int, path: Path) -> None:
+        """Pre-emption: rank 0 saves ``path``, every rank leaves with the conventional 128+signal status."""
+        if du.is_main():
+            save()
+            print(f"stopped by signal {self.signum} at epoch {epoch} step {step}; saved {path}; "
+                  "continue with --resume auto")
+        du.barrier()
+        raise SystemExit(128 + self.signum)
+
+
+def stop_after_reached(stop_after: int, epochs_this_run: int, done: bool) -> bool:
+    """``--stop-after N``: end a time-limited job cleanly once N epochs of this run are done."""
+    if not stop_after or epochs_this_run < stop_after or done:
+        return False
+    if du.is_main():
+        print(f"stopping after {stop_after} epoch(s) as asked; continue with --resume auto")
+    return True
 
 
 class RunLog:
@@ -438,7 +456,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     per_epoch = sampler.num_samples // local_batch
     if per_epoch == 0:
         raise LGDError(f"{setup.data / 'train'} has {len(train_set)} images, fewer than one batch of {cfg.batch_size}")
-    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=cfg.workers,
+    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=loader_workers(cfg.workers),
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.workers > 0,
                         prefetch_factor=4 if cfg.workers > 0 else None)
     val_loader = None
@@ -446,7 +464,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         val_set = image_folder(setup.data / "val")
         val_set.transform = eval_transform(cfg.image_size)
         if len(val_set.classes) == len(classnames):
-            val_loader = DataLoader(val_set, batch_size=min(local_batch, 256), num_workers=cfg.workers,
+            val_loader = DataLoader(val_set, batch_size=min(local_batch, 256), num_workers=loader_workers(cfg.workers),
                                     pin_memory=device.type == "cuda")
         elif du.is_main():
             print(f"note: no zero-shot evaluation during training: the text set has {len(classnames)} classes, "
@@ -457,7 +475,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         knn_classes = len(bank_set.classes)
         if bank_set.classes == query_set.classes:
             bank_set.transform = query_set.transform = eval_transform(cfg.image_size)
-            knn_loaders = [DataLoader(shard(s), batch_size=min(local_batch, 256), num_workers=cfg.workers,
+            knn_loaders = [DataLoader(shard(s), batch_size=min(local_batch, 256), num_workers=loader_workers(cfg.workers),
                                       pin_memory=device.type == "cuda") for s in (bank_set, query_set)]
         elif du.is_main():
             print(f"note: no kNN monitor: {setup.data / 'val'} lacks the class folders of {setup.data / 'train'}")
@@ -479,12 +497,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * local_batch)
             stopped, bad = train_one_epoch(cfg, state, model, teacher, tsb, loader, device, autocast, schedule, stop, log)
             if stopped:
-                if du.is_main():
-                    save_state(state, last, cfg, setup, tsb, classnames, templates)
-                    print(f"stopped by signal {stop.signum} at epoch {state.epoch} step {state.step}; saved {last}; "
-                          "continue with --resume auto")
-                du.barrier()
-                raise SystemExit(128 + stop.signum)
+                stop.save_and_exit(lambda: save_state(state, last, cfg, setup, tsb, classnames, templates),
+                                   state.epoch, state.step, last)
             bad = int(du.all_reduce_sum(torch.tensor(bad, device=device)).item())
             seen = per_epoch * cfg.batch_size
             if bad > cfg.max_bad_images * seen:
@@ -514,9 +528,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 save_state(state, last, cfg, setup, tsb, classnames, templates)
                 if cfg.save_interval and state.epoch % cfg.save_interval == 0:
                     save_state(state, out / f"checkpoint_ep{state.epoch:04d}.pth", cfg, setup, tsb, classnames, templates)
-            if cfg.stop_after and state.epoch - first_epoch >= cfg.stop_after and not done:
-                if du.is_main():
-                    print(f"stopping after {cfg.stop_after} epoch(s) as asked; continue with --resume auto")
+            if stop_after_reached(cfg.stop_after, state.epoch - first_epoch, done):
                 break
     finally:
         stop.restore()

@@ -23,7 +23,7 @@ from . import distributed as du
 from .banks import class_text, load_or_build_tsb
 from .checkpoint import load_checkpoint
 from .config import opt, parse_config
-from .data import NORMALIZATIONS, eval_transform, image_folder
+from .data import NORMALIZATIONS, eval_transform, image_folder, loader_workers
 from .errors import LGDError, cli_entry
 from .evaluate import embed_dataset, topk_accuracy, zero_shot_logits
 from .lincls import TOY_HINT, resolve_data, write_json
@@ -186,7 +186,7 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
                        f"{ckpt['embed_dim']}; use the teacher the student was distilled from")
 
     autocast = amp_dtype(cfg, device)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=loader_workers(cfg.workers), pin_memory=device.type == "cuda")
     tsb_source = f"rebuilt by {teacher_name}" if rebuild else "of the checkpoint"
     print(f"zero-shot: {ckpt['arch']} student of {cfg.checkpoint} on {folder_path} ({len(dataset)} images, "
           f"{len(names)} classes, {image_size}px); TSB {tsb_source}")

@@ -6,6 +6,7 @@
 # MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), CONFIG, DATA, OUTPUT. Extra args go to lgd.train.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/common.sh
 
 if [[ -z "${DATA:-}" && -z "${CONFIG:-}" ]]; then
   CONFIG=configs/toyworld.yaml
@@ -16,13 +17,4 @@ ARGS=()
 [[ -n "${DATA:-}" ]] && ARGS+=(--data "$DATA")
 [[ -n "${OUTPUT:-}" ]] && ARGS+=(--output "$OUTPUT")
 
-if [[ -z "${NPROC:-}" ]]; then
-  NPROC=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
-fi
-NNODES=${NNODES:-1}
-if [[ "$NPROC" == 1 && "$NNODES" == 1 ]]; then
-  exec python -m lgd.train "${ARGS[@]}" "$@"
-fi
-exec torchrun --nproc_per_node "$NPROC" --nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" \
-  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-  -m lgd.train "${ARGS[@]}" "$@"
+launch lgd.train 29500 "${ARGS[@]}" "$@"

@@ -7,18 +7,13 @@
 # Extra arguments go to lgd.zscls (e.g. --text, --templates, --no-teacher).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/common.sh
 
 ARGS=()
 if [[ $# -eq 0 && -z "${CHECKPOINT:-}${DATA:-}" ]]; then
-  TOY=runs/toyworld/checkpoint_last.pth
-  if [[ ! -f "$TOY" ]]; then
-    echo "error: no arguments given, so this evaluates the toy-world run $TOY, which does not exist yet;" >&2
-    echo "       train it first with \`bash scripts/train.sh\` (a few minutes on CPU)," >&2
-    echo "       or set CHECKPOINT=... DATA=... for your own checkpoint and dataset" >&2
-    exit 2
-  fi
-  echo "No arguments given: zero-shot evaluation of the built-in toy-world run $TOY on the toy world's val/."
-  ARGS+=(--checkpoint "$TOY" --data toy --output "${OUTPUT:-runs/toyworld/zscls}")
+  require_toy_run evaluates
+  echo "No arguments given: zero-shot evaluation of the built-in toy-world run $TOY_RUN on the toy world's val/."
+  ARGS+=(--checkpoint "$TOY_RUN" --data toy --output "${OUTPUT:-runs/toyworld/zscls}")
 else
   [[ -n "${CHECKPOINT:-}" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
   [[ -n "${DATA:-}" ]] && ARGS+=(--data "$DATA")

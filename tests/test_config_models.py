@@ -1,6 +1,7 @@
 """Configs, the student registry and the TSB."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 import clip
 from lgd.banks import build_tsb, load_or_build_tsb
 from lgd.config import load_yaml, parse_config, save_config
+from lgd.data import loader_workers
 from lgd.errors import LGDError
 from lgd.models import STUDENTS, build_student, classifier_name
 from lgd.train import TrainConfig
@@ -89,3 +91,11 @@ def test_tsb_matches_per_prompt_loop_and_is_cached(toy_world, tmp_path):
     assert torch.equal(load_or_build_tsb(model, names, templates, tmp_path), tsb)
     load_or_build_tsb(model, names[:2], templates, tmp_path)
     assert len(list(tmp_path.glob("tsb-*.pt"))) == 2  # another class-name set gets another entry
+
+
+def test_loader_workers_are_capped_at_the_usable_cpus(monkeypatch):
+    """Config defaults written for GPU servers (8 workers) must not oversubscribe a 2-core laptop."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loader_workers(8) == 2
+    assert loader_workers(1) == 1
+    assert loader_workers(0) == 0

@@ -30,11 +30,11 @@ from .. import distributed as du
 from ..checkpoint import atomic_torch_save, backbone_state_dict, resume_path, safe_load
 from ..config import opt, save_config
 from ..convert import verify_torchvision_load
-from ..data import NORMALIZATIONS, EpochSampler, normalization
+from ..data import NORMALIZATIONS, EpochSampler, loader_workers, normalization
 from ..errors import LGDError
 from ..models import build_backbone, classifier_name
 from ..toyworld import default_home
-from ..train import RunLog, StopRequested, amp_dtype
+from ..train import RunLog, StopRequested, amp_dtype, stop_after_reached
 
 TRANSFER_ARCHES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
 STAGE_STRIDES = (2, 4, 8, 16, 32)  # ``trainable_layers`` counts these stages from the top
@@ -427,7 +427,7 @@ def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str])
     per_epoch = sampler.num_samples // local_batch
     if per_epoch == 0:
         raise LGDError(f"the training set has {len(task.train_set)} images, fewer than one batch of {cfg.batch_size}")
-    loader = DataLoader(task.train_set, batch_size=local_batch, sampler=sampler, num_workers=cfg.workers,
+    loader = DataLoader(task.train_set, batch_size=local_batch, sampler=sampler, num_workers=loader_workers(cfg.workers),
                         collate_fn=task.collate, pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=cfg.workers > 0)
 
@@ -446,12 +446,8 @@ def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str])
             sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * local_batch)
             if _train_epoch(cfg, task, train_model, loader, state, optimizer, scaler, device, autocast,
                             per_epoch, stop, log):
-                if du.is_main():
-                    save_checkpoint(last, cfg, task, state, optimizer, scaler)
-                    print(f"stopped by signal {stop.signum} at epoch {state.epoch} step {state.step}; saved {last}; "
-                          "continue with --resume auto")
-                du.barrier()
-                raise SystemExit(128 + stop.signum)
+                stop.save_and_exit(lambda: save_checkpoint(last, cfg, task, state, optimizer, scaler),
+                                   state.epoch, state.step, last)
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             done = state.epoch == cfg.epochs
             if done or state.epoch % cfg.val_interval == 0:
@@ -465,9 +461,7 @@ def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str])
                 if cfg.save_interval and state.epoch % cfg.save_interval == 0:
                     save_checkpoint(out / f"checkpoint_ep{state.epoch:04d}.pth", cfg, task, state, optimizer, scaler)
             du.barrier()
-            if cfg.stop_after and state.epoch - first_epoch >= cfg.stop_after and not done:
-                if du.is_main():
-                    print(f"stopping after {cfg.stop_after} epoch(s) as asked; continue with --resume auto")
+            if stop_after_reached(cfg.stop_after, state.epoch - first_epoch, done):
                 break
     finally:
         stop.restore()

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .. import distributed as du
 from ..config import parse_config
-from ..data import rgb_loader, sample_seed
+from ..data import loader_workers, rgb_loader, sample_seed
 from ..errors import LGDError, cli_entry
 from .common import (NORMS, PYRAMID_STRIDES, SCHEDULES, Task, TransferConfig, apply_norm_and_freezing,
                      check_common, demo_root, find_stages, fit, image_stats, load_backbone, opt)
@@ -273,7 +273,7 @@ def make_evaluate(cfg: DetectConfig, val_set: CocoInstances) -> Any:
         if coco_mask is None:
             return {}  # the run's notes say why
         shard = Subset(val_set, list(range(du.rank(), len(val_set), du.world_size())))
-        loader = DataLoader(shard, batch_size=cfg.val_batch_size, num_workers=cfg.workers, collate_fn=collate)
+        loader = DataLoader(shard, batch_size=cfg.val_batch_size, num_workers=loader_workers(cfg.workers), collate_fn=collate)
         results: dict[str, list[dict[str, Any]]] = {"bbox": [], **({"segm": []} if cfg.model == "mask_rcnn" else {})}
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32,
                                              enabled=autocast is not None):
