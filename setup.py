@@ -30,8 +30,9 @@ setup(
     ],
     extras_require={
         # open_clip_torch is the independent oracle for CLIP parity tests; mmengine parses the
-        # OpenMMLab configs; pycocotools computes COCO AP in the transfer tests.
-        "test": ["pytest", "open_clip_torch", "mmengine", "pycocotools"],
+        # OpenMMLab configs (it resolves `mmdet::`/`mmseg::` bases through pkg_resources, which
+        # setuptools 81 removed); pycocotools computes COCO AP in the transfer tests.
+        "test": ["pytest", "open_clip_torch", "mmengine", "setuptools<81", "pycocotools"],
         "coco": ["pycocotools"],
     },
 )
