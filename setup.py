@@ -15,7 +15,6 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["lgd", "lgd.*", "clip", "clip.*"]),
     package_data={"clip": ["bpe_simple_vocab_16e6.txt.gz", "LICENSE-CLIP", "weights/*.sh"]},
-    include_package_data=True,
     # Upper bounds are the newest releases we test against; raise them after a green CI run.
     install_requires=[
         "torch>=2.1,<=2.14.1",
