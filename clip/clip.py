@@ -132,9 +132,14 @@ def download(url: str, root: str | os.PathLike[str], sha256: str | None = None) 
     try:
         with os.fdopen(fd, "wb") as out:
             got = _stream_to(url, out, target, expected)
+            out.flush()
+            os.fsync(out.fileno())
         if got != expected:
             raise CLIPLoadError(f"the download of {url} has SHA-256 {got}, expected {expected}; it was discarded. "
                                 f"Retry, or place a verified copy of the file at {target}")
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(part, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared model cache from the team
         os.replace(part, target)
     finally:
         if os.path.exists(part):

@@ -50,6 +50,7 @@ from . import distributed as du
 from .banks import VisualSemanticsBank
 from .cache import CachedViewDataset, open_teacher_cache, teacher_embeddings
 from .data import EpochSampler, SeededImageFolder, image_folder
+from .checkpoint import atomic_write_text
 from .errors import LGDError, cli_entry
 from .losses import lgd_loss
 from .models import available_students, build_student
@@ -435,24 +436,28 @@ def bench_loader(args: argparse.Namespace, device: torch.device) -> dict[str, An
                                 pin_memory=device.type == "cuda")
             if len(loader) == 0:
                 raise LGDError(f"{root} has fewer images than one batch of {args.batch_size}")
+            # The workers start together and prefetch 4 batches each: until that burst is consumed, batches
+            # arrive faster than the pipeline can sustain, so the clock starts after it.
+            warmup = max(args.warmup, 4 * workers + 1)
             batches, images, begin, epoch = 0, 0, 0.0, 0
             threads = torch.get_num_threads()
             if workers == 0:
                 torch.set_num_threads(1)  # like a DataLoader worker, so that the row is one worker's rate
-            while batches < args.warmup + args.steps:
+            while batches < warmup + args.steps:
                 sampler.set_epoch(epoch)
                 for batch in loader:
                     batches += 1
-                    if batches == args.warmup:
+                    if batches == warmup:
                         begin = time.perf_counter()
-                    elif batches > args.warmup:
+                    elif batches > warmup:
                         images += batch[0].shape[0]
-                    if batches == args.warmup + args.steps:
+                    if batches == warmup + args.steps:
                         break
                 epoch += 1
             rate = images / (time.perf_counter() - begin)
             torch.set_num_threads(threads)
-            rows.append({"workers": workers, "img_per_s": rate, "img_per_s_per_worker": rate / max(1, workers)})
+            rows.append({"workers": workers, "img_per_s": rate, "img_per_s_per_worker": rate / max(1, workers),
+                         "warmup_batches": warmup})
             del loader
     return {"images": len(folder.samples), "mean_size": [statistics.mean(s[i] for s in sizes) for i in (0, 1)],
             "mean_file_bytes": mean_bytes, "cached": bool(args.teacher_cache), "rows": rows}
@@ -586,7 +591,8 @@ def format_loader(report: dict[str, Any]) -> str:
              f"{'workers':>8} {'img/s':>10} {'img/s per worker':>18}"]
     for row in report["rows"]:
         lines.append(f"{row['workers']:>8} {row['img_per_s']:>10.1f} {row['img_per_s_per_worker']:>18.1f}")
-    lines.append("workers=0: decoding and augmenting in the main process, with one torch thread like a worker")
+    lines.append("workers=0: decoding and augmenting in the main process, with one torch thread like a worker; "
+                 "with N workers the clock starts after the first 4N+1 batches (their prefetch burst)")
     return "\n".join(lines)
 
 
@@ -659,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=1000, help="C: rows of the banks")
     p.add_argument("--dim", type=int, default=1024, help="hot mode: embedding width D")
     p.add_argument("--steps", type=int, default=None, help="measured steps per setting (step: 10, loader: 20, hot: 30)")
-    p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (step: 2, loader: 2, hot: 5)")
+    p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (step: 2, loader: 2 and at least 4 x workers + 1, hot: 5)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -700,10 +706,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | str:
         text = {"step": format_step, "loader": format_loader, "hot": format_hot}[args.mode](report)
         print(text)
         out = Path(args.json or f"runs/bench/{args.mode}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(report, indent=2) + "\n")
         print(f"results: {out}")
     du.cleanup()
     return report

@@ -22,9 +22,9 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,9 +43,10 @@ import clip
 from . import distributed as du
 from .config import opt, parse_config
 from .data import image_folder, loader_workers, rgb_loader, sample_seed
+from .checkpoint import atomic_file, atomic_write_text
 from .errors import LGDError, cli_entry
 from .toyworld import ensure_toy_world
-from .views import PARAMS_DTYPE, MocoV2View, ViewParams
+from .views import PARAMS_DTYPE, MocoV2View, ViewParams, check_teacher_resolution
 
 FORMAT = "lgd-teacher-cache"
 VERSION = 1
@@ -158,11 +159,15 @@ class TeacherCache:
         self.num_chunks = math.ceil(self.num_images / self.chunk_images)
         self.embed_dim: int = manifest["teacher"]["embed_dim"]
         self.dtype = record_dtype(self.embed_dim)
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    # Every open map holds a file descriptor: ImageNet at the default chunk size has 626 chunks, past the
+    # usual limit of 1024 descriptors once a DataLoader adds its own. Keep only the recently used ones.
+    max_open_maps = 64
 
     def __getstate__(self) -> dict[str, Any]:
         # Memory maps must not be pickled into DataLoader workers (numpy would copy them whole).
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_maps": OrderedDict()}
 
     def chunk_path(self, chunk: int) -> Path:
         return self.root / f"chunk_{chunk:06d}.npy"
@@ -173,18 +178,25 @@ class TeacherCache:
     def missing_chunks(self) -> list[int]:
         return [c for c in range(self.num_chunks) if not self.chunk_path(c).is_file()]
 
+    def _open(self, chunk: int) -> np.ndarray:
+        path = self.chunk_path(chunk)
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise LGDError(f"cannot read {path} ({err}); delete it and rerun `python -m lgd.cache` to rebuild it") from None
+        if array.dtype != self.dtype or array.shape != (self.chunk_rows(chunk), self.views):
+            raise LGDError(f"{path} holds {array.shape} records of another layout than {MANIFEST} describes; "
+                           "delete it and rerun `python -m lgd.cache` to rebuild it")
+        return array
+
     def _chunk(self, chunk: int) -> np.ndarray:
         array = self._maps.get(chunk)
         if array is None:
-            path = self.chunk_path(chunk)
-            try:
-                array = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as err:
-                raise LGDError(f"cannot read {path} ({err}); delete it and rerun `python -m lgd.cache` to rebuild it") from None
-            if array.dtype != self.dtype or array.shape != (self.chunk_rows(chunk), self.views):
-                raise LGDError(f"{path} holds {array.shape} records of another layout than {MANIFEST} describes; "
-                               "delete it and rerun `python -m lgd.cache` to rebuild it")
-            self._maps[chunk] = array
+            array = self._maps[chunk] = self._open(chunk)
+            if len(self._maps) > self.max_open_maps:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(chunk)
         return array
 
     def record(self, index: int, view: int) -> np.void:
@@ -215,7 +227,7 @@ class TeacherCache:
             raise LGDError(f"the teacher cache {where} is incomplete ({len(missing)} of {self.num_chunks} chunks "
                            "missing); finish it by rerunning the `python -m lgd.cache` command that built it")
         for chunk in range(self.num_chunks):
-            self._chunk(chunk)  # validates every chunk header once, up front
+            self._open(chunk)  # validates every chunk header once, up front (the map closes again)
 
 
 def open_teacher_cache(root: str | os.PathLike, *, visual: nn.Module, folder: datasets.ImageFolder,
@@ -299,17 +311,8 @@ def _collate_views(batch: Sequence[tuple[int, int, torch.Tensor, np.ndarray]]) -
 
 
 def _atomic_save_npy(array: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        np.save(f, array)
 
 
 def _teacher_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -346,6 +349,7 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
     embed_dim = int(clip_model.text_projection.shape[1])
     visual = clip_model.visual
     del clip_model
+    check_teacher_resolution(visual, cfg.image_size, teacher_name)
     view = MocoV2View(cfg.image_size, "clip", cfg.min_crop_scale)
     dtype = _teacher_dtype(cfg.teacher_dtype, device)
     manifest = {
@@ -372,19 +376,19 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
         for stale in out.glob(".chunk_*.tmp"):  # left by an interrupted build; never read
             stale.unlink()
         if existing is None:
-            tmp = out / f".{MANIFEST}.tmp"
-            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-            os.replace(tmp, out / MANIFEST)
+            atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     du.barrier()
 
     cache = TeacherCache(out)
-    mine = cache.missing_chunks()[du.rank()::du.world_size()]
+    missing = cache.missing_chunks()
+    du.barrier()  # every rank has listed the same chunks before any rank writes one
+    mine = missing[du.rank()::du.world_size()]
     per_batch = max(1, cfg.batch_size // cfg.views)
     batches = [list(range(start, min(start + per_batch, c * cache.chunk_images + cache.chunk_rows(c))))
                for c in mine for start in range(c * cache.chunk_images, c * cache.chunk_images + cache.chunk_rows(c), per_batch)]
     if du.is_main():
         size_gb = cache.num_images * cfg.views * cache.dtype.itemsize / 1e9
-        done = cache.num_chunks - len(cache.missing_chunks())
+        done = cache.num_chunks - len(missing)
         print(f"teacher cache {out}: {cache.num_images} images x {cfg.views} views, D={embed_dim} fp16 ({size_gb:.2f} GB); "
               f"{done}/{cache.num_chunks} chunks already built; {du.world_size()} process(es), teacher {dtype} on {device}",
               flush=True)

@@ -17,10 +17,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import torch
 
@@ -30,19 +31,43 @@ FORMAT = "lgd"
 VERSION = 1
 
 
-def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename: readers never see a partial file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file that appears at ``path`` only once complete: a temp file in the same folder, flushed
+    to disk, then renamed over ``path`` (so neither a crash nor a reader ever sees half a file). The mode
+    follows the umask, as a plain ``open`` would (``mkstemp`` alone gives 0600: unreadable to a team)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_file`."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 text through :func:`atomic_file` (configs, manifests, metrics JSON)."""
+    with atomic_file(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 def safe_load(path: str | os.PathLike) -> Any:

@@ -14,6 +14,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from .checkpoint import atomic_write_text
 from .errors import LGDError
 
 C = TypeVar("C")
@@ -36,6 +37,11 @@ def _coerce(value: Any, kind: type, key: str) -> Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads `3e-2` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     raise LGDError(f"config key {key!r} expects {kind.__name__}, got {value!r}")
 
 
@@ -80,8 +86,4 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: s
 
 def save_config(cfg: object, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML next to the run's outputs (what was really run)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

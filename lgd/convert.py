@@ -215,18 +215,30 @@ def _listing(label: str, items: Sequence[str], limit: int = 6) -> str:
 
 
 # --------------------------------------------------------------------------------------------- torchvision
-def verify_torchvision_load(arch: str, sd: StateDict, what: str = "the state_dict") -> str:
-    """Load ``sd`` into ``torchvision.models.get_model(arch)`` and require that only the classifier is missing.
+def split_classifier(arch: str, sd: StateDict) -> tuple[StateDict, list[str]]:
+    """``sd`` without the torchvision classifier of ``arch``, and the dropped keys.
 
-    Returns the one-line report the tools print.
+    A full torchvision model (e.g. ImageNet weights as a baseline) carries its classifier; no backbone
+    consumer wants it, and OpenMMLab's key check would call it unexpected.
     """
-    attr = classifier_name(arch)
+    head = f"{classifier_name(arch)}."
+    dropped = [k for k in sd if k.startswith(head)]
+    return {k: v for k, v in sd.items() if not k.startswith(head)}, dropped
+
+
+def verify_torchvision_load(arch: str, sd: StateDict, what: str = "the state_dict") -> str:
+    """Load ``sd`` into ``torchvision.models.get_model(arch)`` and require that every backbone tensor matches.
+
+    The classifier may be present or absent. Returns the one-line report the tools print.
+    """
+    backbone, classifier = split_classifier(arch, sd)
     model = torchvision.models.get_model(arch, weights=None)
     try:
         result = model.load_state_dict(sd, strict=False)
     except RuntimeError as err:  # shape mismatches raise even when strict=False
         raise LGDError(f"{what} does not load into torchvision {arch}: {err}") from None
-    not_classifier = [k for k in result.missing_keys if not k.startswith(f"{attr}.")]
+    head = f"{classifier_name(arch)}."
+    not_classifier = [k for k in result.missing_keys if not k.startswith(head)]
     if not_classifier or result.unexpected_keys:
         problems = []
         if not_classifier:
@@ -234,11 +246,11 @@ def verify_torchvision_load(arch: str, sd: StateDict, what: str = "the state_dic
         if result.unexpected_keys:
             problems.append(_listing("unexpected tensors", result.unexpected_keys))
         raise LGDError(f"{what} does not load into torchvision {arch}: " + "; ".join(problems))
-    classifier = ", ".join(result.missing_keys) or "nothing"
-    return (
-        f"loads into torchvision {arch}: all {len(sd)} backbone tensors matched; "
-        f"missing only {classifier} (classifier, expected)"
-    )
+    if classifier:
+        tail = f"its classifier ({', '.join(classifier)}) is not part of the backbone"
+    else:
+        tail = f"missing only {', '.join(result.missing_keys)} (classifier, expected)"
+    return f"loads into torchvision {arch}: all {len(backbone)} backbone tensors matched; {tail}"
 
 
 def _resolve_arch(found: str | None, requested: str | None, path: str | os.PathLike) -> str:
@@ -260,16 +272,20 @@ def convert_to_torchvision(src: str | os.PathLike, out: str | os.PathLike, arch:
     arch = _resolve_arch(found, arch, src)
     sd = _tensor_state_dict(sd, str(src))
     verify_torchvision_load(arch, sd, str(src))  # refuse to write a file that would not load
+    sd, dropped = split_classifier(arch, sd)
     atomic_torch_save(sd, out)
-    return verify_torchvision_load(arch, _tensor_state_dict(safe_load(out), str(out)), str(out))
+    report = verify_torchvision_load(arch, _tensor_state_dict(safe_load(out), str(out)), str(out))
+    if dropped:
+        report += f"\ndropped the classifier of {src} ({', '.join(dropped)}): OUT holds the backbone only"
+    return report
 
 
 # ------------------------------------------------------------------------------------------------ OpenMMLab
 def torchvision_to_mm(sd: StateDict, layout: str, source: str = "the state_dict") -> tuple[StateDict, list[str]]:
     """A torchvision ``mobilenet_v2`` backbone state_dict in OpenMMLab ``layout``, and the dropped keys.
 
-    Every source key must be a backbone key (exactly the torchvision set, classifier aside) with the right
-    shape, and every OpenMMLab key is produced exactly once.
+    Every source key must be a backbone key (exactly the torchvision set without the classifier: strip it
+    with :func:`split_classifier`) with the right shape, and every OpenMMLab key is produced exactly once.
     """
     _check_layout(layout)
     key_map = mobilenet_v2_key_map(layout)
@@ -295,12 +311,15 @@ def convert_to_mm(src: str | os.PathLike, out: str | os.PathLike, layout: str) -
     """
     found, sd = backbone_state_dict(src)
     _resolve_arch(found, MOBILENET_V2, src)
-    converted, dropped = torchvision_to_mm(_tensor_state_dict(sd, str(src)), layout, str(src))
+    sd, classifier = split_classifier(MOBILENET_V2, _tensor_state_dict(sd, str(src)))
+    converted, dropped = torchvision_to_mm(sd, layout, str(src))
     meta = {"source": os.path.abspath(src), "arch": MOBILENET_V2, "layout": layout, "dropped": dropped}
     atomic_torch_save({"state_dict": converted, "meta": meta}, out)
     check_mm_checkpoint(out, layout, MOBILENET_V2)
     names = ", ".join(s.name for s in mobilenet_v2_stages(layout))
     lines = [f"converted {len(converted)} tensors of torchvision mobilenet_v2 to the {layout} layout ({names})"]
+    if classifier:
+        lines.append(f"dropped the classifier ({', '.join(classifier)}): not part of the backbone")
     if dropped:
         lines.append(
             f"dropped {len(dropped)} tensors of the final 1x1 conv to 1280 channels "

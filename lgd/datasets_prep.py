@@ -20,6 +20,7 @@ from pathlib import Path
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+from .checkpoint import atomic_write_text
 from .errors import LGDError
 
 CALTECH_DIRNAME = "256_ObjectCategories"
@@ -94,6 +95,17 @@ def _rng(seed: int, name: str) -> random.Random:
 
 
 # ------------------------------------------------------------------------------------------ materialise
+def _is_folder_of_links(path: Path) -> bool:
+    """What ``force`` may delete: a real folder that holds nothing but links."""
+    return path.is_dir() and not path.is_symlink() and all(p.is_symlink() for p in path.iterdir())
+
+
+def _remove_folder_of_links(path: Path) -> None:
+    for link in path.iterdir():
+        link.unlink()
+    path.rmdir()
+
+
 def _entry_state(entry: Entry, copy: bool) -> str:
     """``missing``, ``ok``, ``conflict`` (a file/link in the way: replaceable) or ``blocked`` (a folder)."""
     dst = entry.dst
@@ -103,8 +115,8 @@ def _entry_state(entry: Entry, copy: bool) -> str:
         if not copy or entry.is_dir:
             return "ok" if os.path.realpath(dst) == os.path.realpath(entry.src) else "conflict"
         return "conflict"
-    if dst.is_dir():
-        return "blocked"
+    if dst.is_dir():  # a folder of links where a link to a folder goes (growing a subset to all classes)
+        return "conflict" if entry.is_dir and _is_folder_of_links(dst) else "blocked"
     if copy and dst.is_file() and filecmp.cmp(entry.src, dst, shallow=True):
         return "ok"
     return "conflict"
@@ -160,7 +172,7 @@ def materialise(plan: Sequence[Entry], managed: Iterable[Path], summary: Summary
                 continue
             if child.is_symlink() or not child.is_dir():
                 stale.append(child)
-            elif all(p.is_symlink() for p in child.iterdir()):
+            elif _is_folder_of_links(child):
                 stale_dirs.append(child)
             else:
                 blocked.append(f"{child} holds files that this run does not make")
@@ -182,9 +194,7 @@ def materialise(plan: Sequence[Entry], managed: Iterable[Path], summary: Summary
         path.unlink()
         summary.removed += 1
     for folder in stale_dirs:
-        for link in folder.iterdir():
-            link.unlink()
-        folder.rmdir()
+        _remove_folder_of_links(folder)
         summary.removed += 1
     for d in managed:
         d.mkdir(parents=True, exist_ok=True)
@@ -194,6 +204,8 @@ def materialise(plan: Sequence[Entry], managed: Iterable[Path], summary: Summary
             summary.kept += 1
             continue
         entry.dst.parent.mkdir(parents=True, exist_ok=True)
+        if state == "conflict" and _is_folder_of_links(entry.dst):
+            _remove_folder_of_links(entry.dst)
         _place(entry, copy)
         summary.made += state == "missing"
         summary.replaced += state == "conflict"
@@ -268,17 +280,6 @@ def caltech_classnames(src: str | os.PathLike) -> list[str]:
     return [clean_classname(p.name) for p in classes]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.lgd-tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_caltech_classnames(src: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> str:
     """Write the class names one per line (the ``--text`` file format); returns a one-line report."""
     names = caltech_classnames(src)
@@ -291,7 +292,7 @@ def write_caltech_classnames(src: str | os.PathLike, out: str | os.PathLike, for
         raise LGDError(f"{out} exists with other content; re-run with --force to overwrite it")
     if out.is_dir():
         raise LGDError(f"{out} is a folder; give a file name")
-    write_text_atomic(out, text)
+    atomic_write_text(out, text)
     return f"wrote {len(names)} class names to {out}: {preview}"
 
 

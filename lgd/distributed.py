@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from typing import Iterator
 
@@ -35,7 +36,9 @@ def init_distributed(device: str = "auto") -> torch.device:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not is_dist():
         if use_cuda:
             torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # Rank 0 alone downloads the teacher and builds the TSB on a first run while the others wait in a
+        # collective: allow that longer than NCCL's 10-minute default.
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
     if use_cuda:
         return torch.device("cuda", local_rank() if is_dist() else torch.cuda.current_device())
     return torch.device("cpu")

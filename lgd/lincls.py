@@ -30,13 +30,13 @@ from torchvision import datasets, transforms
 from tqdm import tqdm
 
 from . import distributed as du
-from .checkpoint import atomic_torch_save, backbone_state_dict, is_lgd_checkpoint, resume_path, safe_load
+from .checkpoint import atomic_torch_save, atomic_write_text, backbone_state_dict, is_lgd_checkpoint, resume_path, safe_load
 from .config import opt, parse_config, save_config
-from .convert import verify_torchvision_load
+from .convert import split_classifier, verify_torchvision_load
 from .data import (NORMALIZATIONS, EpochSampler, SeededImageFolder, eval_transform, image_folder, loader_workers,
                    normalization, sample_seed)
 from .errors import LGDError, cli_entry
-from .models import build_backbone, classifier_name
+from .models import build_backbone
 from .toyworld import ensure_toy_world
 from .train import RunLog, StopRequested, amp_dtype, stop_after_reached
 
@@ -52,7 +52,8 @@ class LinclsConfig:
     data: str = field(default="", metadata=opt("ImageFolder root with train/ and val/, or 'toy'"))
     norm: str = field(default="clip", metadata=opt("input normalisation the backbone was trained with (LGD: clip)",
                                                     choices=sorted(NORMALIZATIONS)))
-    image_size: int = field(default=224, metadata=opt("crop size (val: resize size*256/224, center crop)"))
+    image_size: int = field(default=0, metadata=opt("crop size (val: resize size*256/224, center crop); 0 = the LGD "
+                                                     "checkpoint's training resolution, 224 for a torchvision state_dict"))
     augment: bool = field(default=True, metadata=opt("RandomResizedCrop + flip for training (--no-augment: center crop)"))
     train_fraction: float = field(default=1.0, metadata=opt("class-balanced seeded fraction of train/ (paper: 0.01, 0.1, 1.0)"))
     cached_features: bool = field(default=False, metadata=opt("extract backbone features once to a memory-mapped file"))
@@ -87,10 +88,7 @@ def milestones(cfg: LinclsConfig) -> list[int]:
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     """Write a metrics file atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def check_config(cfg: LinclsConfig) -> None:
@@ -99,13 +97,18 @@ def check_config(cfg: LinclsConfig) -> None:
                        "(`bash scripts/lincls.sh` with no arguments probes the toy-world run)")
     if not cfg.data:
         raise LGDError("no --data given: pass an ImageFolder root with train/ and val/, or 'toy'")
-    for key in ("epochs", "batch_size", "image_size", "eval_interval", "log_interval"):
+    for key in ("epochs", "batch_size", "eval_interval", "log_interval"):
         if getattr(cfg, key) <= 0:
             raise LGDError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.image_size < 0:
+        raise LGDError(f"image_size must be positive (or 0: the checkpoint's), got {cfg.image_size}")
     if not 0.0 < cfg.train_fraction <= 1.0:
         raise LGDError(f"train_fraction must be in (0, 1], got {cfg.train_fraction}")
     if cfg.cached_views < 0:
         raise LGDError(f"cached_views must be >= 0, got {cfg.cached_views}")
+    if cfg.cached_views and not (cfg.cached_features and cfg.augment):
+        raise LGDError("--cached-views N stores N augmented views for --cached-features; it needs --cached-features "
+                       "and augmentation (drop --no-augment)")
     if cfg.batch_size % du.world_size():
         raise LGDError(f"batch_size {cfg.batch_size} is not divisible by the world size {du.world_size()}")
     milestones(cfg)
@@ -140,10 +143,9 @@ def load_backbone(path: str | os.PathLike, arch: str = "", data: str = "") -> Ba
     arch = found or arch
     if not arch:
         raise LGDError(f"{path} is a plain state_dict that does not name its architecture; pass --arch")
-    attr = classifier_name(arch)
     report = verify_torchvision_load(arch, sd, str(path))
     module, feature_dim = build_backbone(arch)
-    module.load_state_dict({k: v for k, v in sd.items() if not k.startswith(f"{attr}.")})
+    module.load_state_dict(split_classifier(arch, sd)[0])
     image_size = obj.get("config", {}).get("image_size") if found else None
     kind = "LGD checkpoint" if found else "torchvision state_dict"
     return Backbone(arch, module, feature_dim, image_size, f"{kind} {path} ({arch}): {report}")
@@ -216,9 +218,9 @@ class CachedFeatures(Dataset):
     standard mode, so a resumed run sees the same views.
     """
 
-    def __init__(self, features: np.ndarray, targets: Sequence[int], seed: int) -> None:
+    def __init__(self, features: np.ndarray, targets: np.ndarray, seed: int) -> None:
         self.features, self.seed = features, seed
-        self.targets = torch.as_tensor(list(targets))
+        self.targets = torch.as_tensor(targets)
 
     def __len__(self) -> int:
         return self.features.shape[1]
@@ -235,6 +237,11 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _samples_digest(folder: datasets.ImageFolder) -> str:
+    """Which images (and labels) a split holds: a folder edited in place must not reuse old features."""
+    return hashlib.sha256(json.dumps(folder.samples).encode()).hexdigest()
+
+
 def feature_cache_path(out: Path, split: str, identity: dict[str, Any]) -> Path:
     """``<out>/features/<split>-<key>.npy``; the key changes with anything that changes the features."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -244,40 +251,53 @@ def feature_cache_path(out: Path, split: str, identity: dict[str, Any]) -> Path:
 @torch.no_grad()
 def extract_features(backbone: FrozenBackbone, feature_dim: int, dataset: SeededImageFolder, views: int, path: Path,
                      batch_size: int, workers: int, device: torch.device, autocast: torch.dtype | None,
-                     desc: str) -> np.ndarray:
-    """Write the features of every view of every image to ``path`` (once) and return it memory-mapped.
+                     desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Write the features of every view of every image to ``path`` (once); return them memory-mapped, with
+    the label of each row.
 
-    View ``v`` of image ``i`` is ``dataset[(i, v)]``: the dataset's transform seeded as in epoch ``v``.
+    View ``v`` of image ``i`` is ``dataset[(i, v)]``: the dataset's transform seeded as in epoch ``v``. A row
+    of an unreadable image holds the next readable image, so its label is stored with it (``*.labels.npy``)
+    rather than taken from the folder's list.
 
-    Every rank fills its own rows of one shared temporary file; rank 0 renames it when all are done, so a
-    file under the final name is always complete and a later run (or ``--resume``) reuses it.
+    Every rank fills its own rows of shared temporary files; rank 0 renames them when all are done (labels
+    first), so a features file under the final name is always complete and a later run reuses it.
     """
+    labels_path = path.with_name(f"{path.stem}.labels.npy")
     if not path.is_file():
-        tmp = path.with_name(f".{path.stem}.tmp.npy")
+        tmp, labels_tmp = path.with_name(f".{path.stem}.tmp.npy"), path.with_name(f".{path.stem}.labels.tmp.npy")
         if du.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             open_memmap(tmp, mode="w+", dtype=np.float32, shape=(max(1, views), len(dataset), feature_dim))
+            open_memmap(labels_tmp, mode="w+", dtype=np.int64, shape=(len(dataset),))
         du.barrier()
-        store = open_memmap(tmp, mode="r+")
+        store, labels = open_memmap(tmp, mode="r+"), open_memmap(labels_tmp, mode="r+")
         shard = list(range(du.rank(), len(dataset), du.world_size()))
+        skipped = 0
         for view in range(max(1, views)):
             keys = [(i, view) for i in shard]
             loader = DataLoader(Subset(dataset, keys), batch_size=batch_size, num_workers=loader_workers(workers),
                                 pin_memory=device.type == "cuda")
             rows = iter(shard)
-            for images, *_ in tqdm(loader, desc=f"{desc} (view {view + 1}/{max(1, views)})", disable=not du.is_main(),
-                                   leave=False, dynamic_ncols=True):
+            for images, target, skips in tqdm(loader, desc=f"{desc} (view {view + 1}/{max(1, views)})",
+                                              disable=not du.is_main(), leave=False, dynamic_ncols=True):
                 with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                     feats = backbone(images.to(device, non_blocking=True)).cpu().numpy()
                 index = [next(rows) for _ in range(len(feats))]
                 store[view, index] = feats
+                labels[index] = target.numpy()
+                skipped += int(skips.sum())
         store.flush()
-        del store
+        labels.flush()
+        del store, labels
+        skipped = int(du.all_reduce_sum(torch.tensor(skipped, device=device)).item())
+        if skipped and du.is_main():
+            print(f"note: {desc}: {skipped} unreadable image(s) were replaced by the next readable one (see the warnings)")
         du.barrier()
         if du.is_main():
+            os.replace(labels_tmp, labels_path)
             os.replace(tmp, path)
         du.barrier()
-    return np.load(path, mmap_mode="r")
+    return np.load(path, mmap_mode="r"), np.load(labels_path)
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -341,7 +361,7 @@ def train_one_epoch(cfg: LinclsConfig, state: ProbeState, backbone: FrozenBackbo
             bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc:.1f}", lr=f"{lr:.3g}")
             running.zero_()
             window = 0
-        if stop is not None and stop.agreed(device):
+        if stop is not None and stop.agreed(device, state.step):
             bar.close()
             return True
     bar.close()
@@ -369,10 +389,16 @@ def evaluate(backbone: FrozenBackbone | None, fc: nn.Module, loader: DataLoader,
     return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total}
 
 
+PROTOCOL_KEYS = ("batch_size", "base_lr", "momentum", "weight_decay", "warmup_epochs", "lr_steps", "lr_decay",
+                 "image_size", "norm", "augment", "cached_features", "cached_views")
+
+
 def probe_identity(cfg: LinclsConfig, arch: str, classes: Sequence[str]) -> dict[str, Any]:
     """What a probe checkpoint belongs to: resuming onto another backbone file or label subset is refused."""
     return {"checkpoint": _file_identity(Path(cfg.checkpoint)), "arch": arch, "classes": list(classes),
-            "train_fraction": cfg.train_fraction, "seed": cfg.seed}
+            "train_fraction": cfg.train_fraction, "seed": cfg.seed,
+            # the schedule is a function of (step, steps per epoch): changing these mid-run would bend it
+            **{key: getattr(cfg, key) for key in PROTOCOL_KEYS}}
 
 
 def save_probe(state: ProbeState, path: Path, cfg: LinclsConfig, identity: dict[str, Any]) -> None:
@@ -442,24 +468,25 @@ def build_data(cfg: LinclsConfig, root: Path, train_folder: datasets.ImageFolder
     augment = train_transform(cfg.image_size, cfg.norm)
     views = cfg.cached_views if cfg.augment else 0
     if cfg.cached_features:
-        common = {"checkpoint": _file_identity(Path(cfg.checkpoint)), "image_size": cfg.image_size, "norm": cfg.norm}
+        common = {"checkpoint": _file_identity(Path(cfg.checkpoint)), "image_size": cfg.image_size, "norm": cfg.norm,
+                  "autocast": str(autocast)}
         train_images = SeededImageFolder(train_folder, augment if views else val_transform, cfg.seed)
         identity = {**common, "split": str((root / "train").resolve()), "views": views, "seed": cfg.seed,
-                    "subset": hashlib.sha256(json.dumps(subset).encode()).hexdigest()}
+                    "images": _samples_digest(train_folder)}
         train_feats = extract_features(backbone, loaded.feature_dim, train_images, views,
                                        feature_cache_path(out, "train", identity), local_batch, cfg.workers, device,
                                        autocast, "train features")
-        identity = {**common, "split": str((root / "val").resolve()), "views": 0}
+        identity = {**common, "split": str((root / "val").resolve()), "views": 0, "images": _samples_digest(val_folder)}
         val_images = SeededImageFolder(val_folder, val_transform, cfg.seed)
         val_feats = extract_features(backbone, loaded.feature_dim, val_images, 0, feature_cache_path(out, "val", identity),
                                      local_batch, cfg.workers, device, autocast, "val features")
-        train_set: Dataset = CachedFeatures(train_feats, train_folder.targets, cfg.seed)
+        train_set: Dataset = CachedFeatures(*train_feats, cfg.seed)
         sampler = EpochSampler(train_set, du.world_size(), du.rank(), seed=cfg.seed)
         # batch_size=None: the dataset takes a whole batch of keys and slices the memory map once per batch.
         train_loader = DataLoader(train_set, sampler=BatchSampler(sampler, local_batch, drop_last=False),
                                   batch_size=None)
         val_keys = BatchSampler([(i, 0) for i in val_shard], 4096, drop_last=False)
-        val_loader = DataLoader(CachedFeatures(val_feats, val_folder.targets, cfg.seed), sampler=val_keys,
+        val_loader = DataLoader(CachedFeatures(*val_feats, cfg.seed), sampler=val_keys,
                                 batch_size=None)
         mode = f"cached features ({views} augmented views)" if views else "cached features (center crop)"
         return ProbeData(train_set, train_loader, sampler, val_loader, images=False, mode=mode)
@@ -480,6 +507,7 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
     device = du.init_distributed(cfg.device)
     check_config(cfg)
     loaded = load_backbone(cfg.checkpoint, cfg.arch, cfg.data)
+    cfg = dataclasses.replace(cfg, image_size=cfg.image_size or loaded.image_size or 224)
     root = resolve_data(cfg.data)
     train_folder, val_folder = image_folder(root / "train"), image_folder(root / "val")
     if val_folder.classes != train_folder.classes:
@@ -530,6 +558,7 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
             if done or state.epoch % cfg.eval_interval == 0:
                 state.metrics = evaluate(train_backbone, fc, data.val_loader, device, autocast)
                 log.write({"type": "val", "epoch": state.epoch, "step": state.step, **state.metrics}, state.step)
+                state.metrics["metrics_epoch"] = state.epoch
                 if du.is_main():
                     print(f"epoch {state.epoch}: linear probe top-1 {state.metrics['top1']:.2f}%, "
                           f"top-5 {state.metrics['top5']:.2f}%")
@@ -541,7 +570,9 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
         stop.restore()
         log.close()
 
-    result = {**state.metrics, "epochs": state.epoch, "train_fraction": cfg.train_fraction,
+    # A run ended by --stop-after is not a result yet: say so, and which epoch the numbers (if any) are from.
+    result = {**state.metrics, "epochs": state.epoch, "complete": state.epoch == cfg.epochs,
+              "train_fraction": cfg.train_fraction,
               "checkpoint": str(Path(cfg.checkpoint).resolve()), "dataset": str(root.resolve()), "arch": loaded.arch,
               "num_classes": len(classes), "num_train_images": len(train_folder), "num_val_images": len(val_folder),
               "mode": data.mode, "seconds": round(time.time() - start_time, 1)}
@@ -552,6 +583,9 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
             print(f"top-1: {state.metrics['top1']:.2f}%  top-5: {state.metrics['top5']:.2f}%")
         print(f"epochs: {state.epoch}/{cfg.epochs}, labels: {cfg.train_fraction:g} ({len(train_folder)} images), "
               f"time: {result['seconds']}s")
+        if not result["complete"]:
+            measured = f"top-1 above is from epoch {state.metrics['metrics_epoch']}; " if "top1" in state.metrics else ""
+            print(f"incomplete: {measured}continue with --resume auto for the final numbers")
         print(f"metrics: {out / 'lincls_metrics.json'}")
     du.cleanup()
     return result

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import clip
 from clip.model import CLIP
 
-from .checkpoint import atomic_torch_save
+from .checkpoint import atomic_torch_save, atomic_write_text
 from .data import CLIP_MEAN, CLIP_STD, eval_transform, image_folder
 
 VERSION = 1
@@ -273,9 +273,7 @@ def ensure_toy_world(home: Path | None = None, seed: int = 0, verbose: bool = Tr
     world.templates.write_text("\n".join(TEMPLATES) + "\n")
     top1 = train_teacher(world.root, seed)
     manifest = {"version": VERSION, "seed": seed, "classes": len(class_names()), "teacher_top1": top1}
-    tmp = world.manifest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, world.manifest)
+    atomic_write_text(world.manifest, json.dumps(manifest, indent=2))
     if verbose:
         print(f"Toy world ready in {time.time() - start:.0f}s: tiny CLIP teacher zero-shot top-1 {top1:.1f}%", flush=True)
     return world

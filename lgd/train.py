@@ -37,7 +37,7 @@ from .knn import knn_monitor, shard
 from .losses import lgd_loss
 from .models import LGDStudent, available_students, build_student
 from .toyworld import default_home, ensure_toy_world
-from .views import MocoV2View
+from .views import MocoV2View, check_teacher_resolution
 
 
 @dataclass
@@ -74,7 +74,8 @@ class TrainConfig:
                                                    choices=["auto", "bf16", "fp16", "off"]))
     channels_last: bool = field(default=False, metadata=opt("channels_last memory format for teacher and student"))
     compile: bool = field(default=False, metadata=opt("torch.compile the student"))
-    val_interval: int = field(default=10, metadata=opt("zero-shot evaluation on val/ every N epochs (and at the end)"))
+    val_interval: int = field(default=10, metadata=opt("zero-shot evaluation on val/ every N epochs and at the end "
+                                                        "(0: only at the end)"))
     knn_interval: int = field(default=0, metadata=opt("weighted kNN (k=20, T=0.07) of val/ against train/ on backbone "
                                                        "features every N epochs (and at the end); 0: off"))
     save_interval: int = field(default=0, metadata=opt("also keep checkpoint_epNNNN.pth every N epochs (0: only the last)"))
@@ -106,6 +107,9 @@ def resolve_inputs(cfg: TrainConfig) -> Setup:
         with du.local_main_first():
             world = ensure_toy_world(Path(cfg.cache_dir) if cfg.cache_dir else None, verbose=du.is_main())
     data = world.data if cfg.data == "toy" else Path(cfg.data)
+    if not (data / "train").is_dir():
+        raise LGDError(f"image folder not found: {data / 'train'} (--data takes an ImageFolder root with "
+                       "train/<class>/<image> and optionally val/)")
     teacher = str(world.teacher) if cfg.teacher == "toy" else cfg.teacher
     text = str(world.classnames) if cfg.text == "toy" else cfg.text
     if text == "folder":
@@ -122,6 +126,10 @@ def check_config(cfg: TrainConfig) -> None:
             raise LGDError(f"{key} must be positive, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise LGDError(f"alpha must be in [0, 1], got {cfg.alpha}")
+    for key in ("val_interval", "knn_interval", "save_interval"):
+        if getattr(cfg, key) < 0:
+            raise LGDError(f"{key} must be >= 0 (0: off, or only at the end for val_interval), got {getattr(cfg, key)}")
+
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -173,10 +181,18 @@ class StopRequested:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
-    def agreed(self, device: torch.device) -> bool:
-        """Whether any rank was signalled; every rank must stop at the same step."""
+    sync_every = 10
+
+    def agreed(self, device: torch.device, step: int) -> bool:
+        """Whether any rank was signalled; every rank must stop at the same step.
+
+        Under DDP the ranks agree through an all-reduce, which waits for the GPU to drain; asking only every
+        ``sync_every`` steps keeps the step pipelined and still stops within seconds of a pre-emption notice.
+        """
         if not du.is_dist():
             return self.signum != 0
+        if step % self.sync_every:
+            return False
         flag = torch.tensor([float(self.signum)], device=device)
         return du.all_reduce_sum(flag).item() > 0
 
@@ -285,6 +301,11 @@ def resume_state(state: State, cfg: TrainConfig, out: Path, tsb: torch.Tensor) -
             f"cannot resume: {path} was trained with a TSB of shape {tuple(ckpt['tsb'].shape)}, "
             f"this run has {tuple(tsb.shape)} (another teacher or class-name set?)"
         )
+    # Same shape is not same bank: another teacher of the same width, or reordered class names, would give
+    # the resumed VSB rows another meaning. Tolerance covers a TSB rebuilt on another device.
+    if not torch.allclose(ckpt["tsb"].float(), tsb.float().cpu(), atol=1e-4):
+        raise LGDError(f"cannot resume: the TSB of {path} differs from this run's (another teacher, class-name "
+                       "order or templates?); resume with the checkpoint's teacher and --text, or start a new --output")
     state.student.load_state_dict(ckpt["model"])
     state.vsb.load_state_dict(ckpt["vsb"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
@@ -387,7 +408,7 @@ def train_one_epoch(
                             lr=f"{lr:.3g}", img_s=f"{img_s:.0f}")
             running.zero_()
             window_start, window_steps = time.time(), 0
-        if stop.agreed(device):
+        if stop.agreed(device, state.step):
             bar.close()
             return True, int(skipped)
     bar.close()
@@ -410,6 +431,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # Teacher and TSB. Local rank 0 loads first so that a download happens once per node.
     with du.local_main_first():
         clip_model, _ = clip.load(setup.teacher, device="cpu", download_root=cfg.clip_root or None)
+    check_teacher_resolution(clip_model.visual, cfg.image_size, setup.teacher)
+    clip_model = clip_model.to(device)  # fp32; on a GPU the 80k prompts of an ImageNet TSB take seconds, not hours
     classnames, templates = class_text(setup.text, setup.templates)
     embed_dim = clip_model.text_projection.shape[1]
     tsb = torch.zeros(len(classnames), embed_dim)
@@ -450,6 +473,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cache = open_teacher_cache(cfg.teacher_cache, visual=visual, folder=train_folder, image_size=cfg.image_size,
                                    min_scale=cfg.min_crop_scale)
         train_set = CachedViewDataset(train_folder, cache)
+        if cache.manifest["seed"] != cfg.seed and du.is_main():
+            print(f"note: the teacher cache was built with seed {cache.manifest['seed']}, this run has --seed "
+                  f"{cfg.seed}: its views are valid, but not the ones a live run with this seed would draw")
     else:
         train_set = SeededImageFolder(train_folder, MocoV2View(cfg.image_size, min_scale=cfg.min_crop_scale), cfg.seed)
     sampler = EpochSampler(train_set, du.world_size(), du.rank(), seed=cfg.seed)
@@ -463,12 +489,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if (setup.data / "val").is_dir():
         val_set = image_folder(setup.data / "val")
         val_set.transform = eval_transform(cfg.image_size)
-        if len(val_set.classes) == len(classnames):
+        if len(val_set.classes) != len(classnames):
+            if du.is_main():
+                print(f"note: no zero-shot evaluation during training: the text set has {len(classnames)} classes, "
+                      f"{setup.data / 'val'} has {len(val_set.classes)} (use python -m lgd.zscls with a matching set)")
+        elif val_set.classes != train_folder.classes:  # the text set's order is that of train/'s folders
+            if du.is_main():
+                print(f"note: no zero-shot evaluation during training: {setup.data / 'val'} and "
+                      f"{setup.data / 'train'} have different class folders, so val labels cannot be matched to the "
+                      "text set's classes (use python -m lgd.zscls)")
+        else:
             val_loader = DataLoader(val_set, batch_size=min(local_batch, 256), num_workers=loader_workers(cfg.workers),
                                     pin_memory=device.type == "cuda")
-        elif du.is_main():
-            print(f"note: no zero-shot evaluation during training: the text set has {len(classnames)} classes, "
-                  f"{setup.data / 'val'} has {len(val_set.classes)} (use python -m lgd.zscls with a matching set)")
     knn_loaders: list[DataLoader] = []
     if cfg.knn_interval and (setup.data / "val").is_dir():
         bank_set, query_set = image_folder(setup.data / "train"), image_folder(setup.data / "val")
@@ -500,13 +532,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 stop.save_and_exit(lambda: save_state(state, last, cfg, setup, tsb, classnames, templates),
                                    state.epoch, state.step, last)
             bad = int(du.all_reduce_sum(torch.tensor(bad, device=device)).item())
+            # Every rank updates the VSB from the same gathered batch, but CUDA's index_add_ sums in no fixed
+            # order: re-align the ranks on rank 0's bank (the one saved) once per epoch, before ULPs add up.
+            du.broadcast(state.vsb.bank)
             seen = per_epoch * cfg.batch_size
             if bad > cfg.max_bad_images * seen:
                 raise LGDError(f"{bad} unreadable images in epoch {state.epoch + 1} (limit {cfg.max_bad_images:.1%} "
                                f"of {seen}); check {setup.data / 'train'}")
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             done = state.epoch == cfg.epochs
-            if val_loader is not None and (done or state.epoch % cfg.val_interval == 0):
+            if val_loader is not None and (done or (cfg.val_interval and state.epoch % cfg.val_interval == 0)):
                 if du.is_main():
                     if teacher_metrics is None:
                         evaluated = teacher if teacher is not None else FrozenTeacher(visual, teacher_dtype).to(device)

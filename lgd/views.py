@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from .data import normalization
+from .errors import LGDError
 
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue strengths
 P_JITTER, P_GRAY, P_BLUR, P_FLIP = 0.8, 0.2, 0.5, 0.5
@@ -38,6 +40,13 @@ PARAMS_DTYPE = np.dtype(
     ]
 )
 
+
+def check_teacher_resolution(visual: nn.Module, image_size: int, teacher: str) -> None:
+    """CLIP towers have fixed positional embeddings: the view size must be the teacher's input resolution."""
+    expected = getattr(visual, "input_resolution", image_size)
+    if image_size != expected:
+        raise LGDError(f"image_size {image_size} does not fit the teacher {teacher}, whose input resolution is "
+                       f"{expected}px; pass --image-size {expected}")
 
 def blur_kernel(size: int) -> int:
     """About 10% of the side, odd, at least 3 (as in MoCo v2 and ``moco_v2_transform``)."""

@@ -54,7 +54,7 @@ class ZsclsConfig:
     device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
     amp: str = field(default="auto", metadata=opt("autocast of the student: auto (bf16 on GPU, off on CPU), bf16, fp16, off",
                                                    choices=["auto", "bf16", "fp16", "off"]))
-    show: int = field(default=5, metadata=opt("rows of the best/worst class tables and of the confusion summary"))
+    show: int = field(default=5, metadata=opt("rows of the best/worst class tables and of the confusion summary (>= 1)"))
     output: str = field(default="runs/zscls", metadata=opt("folder for zscls_metrics.json"))
 
 
@@ -108,11 +108,13 @@ def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 def confused_pairs(pred: torch.Tensor, labels: torch.Tensor, num_classes: int, n: int) -> list[tuple[int, int, int]]:
-    """The ``n`` most frequent (true class, predicted class, count) errors."""
-    matrix = torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
-    matrix.fill_diagonal_(0)
-    counts, flat = matrix.flatten().topk(min(n, num_classes**2))
-    return [(int(i) // num_classes, int(i) % num_classes, int(c)) for c, i in zip(counts, flat) if c > 0]
+    """The ``n`` most frequent (true class, predicted class, count) errors.
+
+    Counts only the pairs that occur (a dense C x C matrix is 3.8 GB of int64 for ImageNet-21k)."""
+    wrong = pred != labels
+    pairs, counts = torch.unique(labels[wrong] * num_classes + pred[wrong], return_counts=True)
+    order = sorted(range(len(pairs)), key=lambda k: (-int(counts[k]), int(pairs[k])))[:n]
+    return [(int(pairs[k]) // num_classes, int(pairs[k]) % num_classes, int(counts[k])) for k in order]
 
 
 def print_report(names: Sequence[str], counts: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor | None,
@@ -142,6 +144,8 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
     if not cfg.data:
         raise LGDError("no --data given: pass a dataset root (its val/ is evaluated; --split '' for the folder itself) "
                        "or 'toy'")
+    if cfg.show < 1:
+        raise LGDError(f"--show must be at least 1, got {cfg.show}")
     if not Path(cfg.checkpoint).is_file():
         raise LGDError(f"checkpoint not found: {cfg.checkpoint}" + (f"; {TOY_HINT}" if cfg.data == "toy" else ""))
     device = du.init_distributed(cfg.device)
@@ -172,15 +176,23 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
     rebuild = bool(text or templates)
     clip_model = None
     teacher_name = cfg.teacher_model or ckpt["teacher"]
+    cache = Path(cfg.cache_dir or train_cfg.get("cache_dir") or default_home()) / "tsb"
+    foreign = False  # a --teacher-model other than the one the student was distilled from
     if rebuild or cfg.teacher:
         teacher_name = resolve_teacher(teacher_name)
         clip_root = cfg.clip_root or train_cfg.get("clip_root") or None
         clip_model, _ = clip.load(teacher_name, device="cpu", download_root=clip_root)
-    if rebuild:
-        cache = Path(cfg.cache_dir or train_cfg.get("cache_dir") or default_home()) / "tsb"
-        tsb = load_or_build_tsb(clip_model, names, prompts, cache)
-    else:
-        tsb = ckpt["tsb"]
+        clip_model = clip_model.to(device)  # fp32 on the device: a 1000-class TSB is 80k prompts
+        if cfg.teacher_model:  # the same model (e.g. moved to a new path) reproduces the checkpoint's TSB
+            own = load_or_build_tsb(clip_model, ckpt["classnames"], ckpt["templates"], cache)
+            foreign = own.shape != ckpt["tsb"].shape or not torch.allclose(own, ckpt["tsb"].float(), atol=1e-4)
+    if rebuild and foreign:
+        raise LGDError(f"the student was distilled from {ckpt['teacher']}; its text bank must come from that teacher's "
+                       f"text tower, and {teacher_name} is another model (its TSB of the checkpoint's classes differs). "
+                       "Drop --teacher-model, or pass the checkpoint's teacher (e.g. at its new path)")
+    tsb = load_or_build_tsb(clip_model, names, prompts, cache) if rebuild else ckpt["tsb"]
+    # The reference teacher is scored against its own text tower's bank, whichever teacher it is.
+    teacher_tsb = load_or_build_tsb(clip_model, names, prompts, cache) if foreign else tsb
     if tsb.shape[1] != ckpt["embed_dim"]:
         raise LGDError(f"the TSB of teacher {teacher_name} has dimension {tsb.shape[1]}, the student embeds into "
                        f"{ckpt['embed_dim']}; use the teacher the student was distilled from")
@@ -188,6 +200,8 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
     autocast = amp_dtype(cfg, device)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=loader_workers(cfg.workers), pin_memory=device.type == "cuda")
     tsb_source = f"rebuilt by {teacher_name}" if rebuild else "of the checkpoint"
+    if foreign:
+        tsb_source += f"; the reference teacher {teacher_name} is not the student's and uses its own text bank"
     print(f"zero-shot: {ckpt['arch']} student of {cfg.checkpoint} on {folder_path} ({len(dataset)} images, "
           f"{len(names)} classes, {image_size}px); TSB {tsb_source}")
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
@@ -203,7 +217,7 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
         teacher_dtype = autocast if (autocast is not None and device.type == "cuda") else torch.float32
         teacher = FrozenTeacher(clip_model.visual, teacher_dtype).to(device)
         t_feats, _ = embed_dataset(teacher, loader, device, desc="zero-shot (teacher)")
-        t_logits = zero_shot_logits(t_feats, tsb)
+        t_logits = zero_shot_logits(t_feats, teacher_tsb)
         teacher_acc = topk_accuracy(t_logits, labels)
         teacher_per_class = per_class_accuracy(t_logits.argmax(1), labels, len(names))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LGD pre-training launcher (a thin torchrun wrapper).
 #   bash scripts/train.sh                                   # the built-in toy world, CPU, minutes
-#   DATA=/data/imagenet CONFIG=configs/lgd_r18_in_in_200ep.yaml NPROC=8 bash scripts/train.sh
+#   DATA=/data/imagenet CONFIG=configs/lgd_r18_in-img_in-text_200ep.yaml NPROC=8 bash scripts/train.sh
 # Environment: NPROC (processes per node, default: GPUs or 1), NNODES (1), NODE_RANK (0),
 # MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), CONFIG, DATA, OUTPUT. Extra args go to lgd.train.
 set -euo pipefail

@@ -108,10 +108,11 @@ def test_step_on_a_real_folder_with_the_teacher_cache(tiny: dict[str, Path], tmp
 
 def test_loader_mode(tmp_path: Path) -> None:
     report = bench_main(["--mode", "loader", "--images", "6", "--jpeg-size", "64x48", "--image-size", "32",
-                         "--batch-size", "2", "--workers", "0", "--steps", "2", "--warmup", "1",
+                         "--batch-size", "2", "--workers", "0", "1", "--steps", "2", "--warmup", "1",
                          "--json", str(tmp_path / "loader.json")])
     assert report["mean_size"] == [64, 48] and report["images"] == 6
-    assert [row["workers"] for row in report["rows"]] == [0] and report["rows"][0]["img_per_s"] > 0
+    assert [row["workers"] for row in report["rows"]] == [0, 1] and all(r["img_per_s"] > 0 for r in report["rows"])
+    assert [row["warmup_batches"] for row in report["rows"]] == [1, 5]  # past one worker's prefetch burst
 
 
 def test_hot_mode_reports_equal_results(tmp_path: Path) -> None:

@@ -129,6 +129,23 @@ def test_cached_views_and_embeddings_are_exact(world: dict[str, Path], built: Te
     assert skipped_total == 3  # the broken file, once per epoch
 
 
+def test_open_memory_maps_are_bounded(world: dict[str, Path], built: TeacherCache, monkeypatch) -> None:
+    """Each open chunk map holds a file descriptor: a 600-chunk ImageNet cache must not exhaust them."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to count file descriptors")
+    monkeypatch.setattr(TeacherCache, "max_open_maps", 2)
+    cache = TeacherCache(built.root)
+    before = len(os.listdir("/proc/self/fd"))
+    cache.check(teacher_fingerprint=cache.manifest["teacher"]["fingerprint"],
+                folder=image_folder(world["data"] / "train"), image_size=SIZE, min_scale=MIN_SCALE)
+    assert len(os.listdir("/proc/self/fd")) == before, "validating the chunks must not keep them open"
+    records = {}
+    for index in range(cache.num_images):  # touches all 3 chunks
+        records[index] = cache.record(index, 0).tobytes()
+    assert len(cache._maps) == 2 and len(os.listdir("/proc/self/fd")) <= before + 2
+    assert all(cache.record(i, 0).tobytes() == r for i, r in records.items()), "a reopened chunk reads the same"
+
+
 def test_interrupted_build_resumes_without_mixing(world: dict[str, Path], built: TeacherCache,
                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lgd.train

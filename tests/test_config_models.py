@@ -33,12 +33,20 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_config_precedence_and_saving(tmp_path):
-    (tmp_path / "c.yaml").write_text("epochs: 7\nbase_lr: 1\narch: mobilenet_v2\n")
+    (tmp_path / "c.yaml").write_text("epochs: 7\nbase_lr: 1\nweight_decay: 5e-5\narch: mobilenet_v2\n")
     cfg = parse_config(TrainConfig, ["--config", str(tmp_path / "c.yaml"), "--epochs", "3", "--no-compile"])
     assert (cfg.epochs, cfg.base_lr, cfg.arch, cfg.batch_size) == (3, 1.0, "mobilenet_v2", 2048)
+    assert cfg.weight_decay == 5e-5  # YAML 1.1 reads `5e-5` as a string; it is still a float key
     assert parse_config(TrainConfig, ["--batch_size", "64"]).batch_size == 64
     save_config(cfg, tmp_path / "out" / "config.yaml")
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["epochs"] == 3
+    umask = os.umask(0o027)
+    try:  # written atomically, yet with the mode a plain open() gives (shared run folders stay readable)
+        save_config(cfg, tmp_path / "out" / "config.yaml")
+        assert (tmp_path / "out" / "config.yaml").stat().st_mode & 0o777 == 0o640
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.yaml"]  # no temp file left behind
+    finally:
+        os.umask(umask)
 
 
 def test_config_errors(tmp_path):
@@ -48,6 +56,9 @@ def test_config_errors(tmp_path):
     (tmp_path / "type.yaml").write_text("epochs: many\n")
     with pytest.raises(LGDError, match="expects int"):
         load_yaml(tmp_path / "type.yaml", TrainConfig)
+    (tmp_path / "float.yaml").write_text("base_lr: fast\n")
+    with pytest.raises(LGDError, match="expects float"):
+        load_yaml(tmp_path / "float.yaml", TrainConfig)
     with pytest.raises(LGDError, match="not found"):
         load_yaml(tmp_path / "missing.yaml", TrainConfig)
 

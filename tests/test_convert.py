@@ -106,6 +106,25 @@ def test_to_torchvision_refuses_a_wrong_state_dict(tmp_path, mnv2_tv):
     assert not (tmp_path / "out.pth").exists()
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_a_full_torchvision_model_loses_its_classifier(tmp_path, arch):
+    """ImageNet weights as a baseline come with their classifier: converted, it is dropped and said so."""
+    full = torchvision.models.get_model(arch, weights=None)
+    torch.save(full.state_dict(), tmp_path / "full.pth")
+    report = convert_to_torchvision(tmp_path / "full.pth", tmp_path / "out.pth", arch=arch)
+    attr = classifier_name(arch)
+    head = [k for k in full.state_dict() if k.startswith(f"{attr}.")]
+    sd = safe_load(tmp_path / "out.pth")
+    assert head and not any(k in sd for k in head)
+    assert set(sd) == {k for k in full.state_dict() if k not in head}
+    assert f"all {len(sd)} backbone tensors matched" in report and "dropped the classifier" in report
+    if arch == "mobilenet_v2":
+        for layout in ("mmdet", "mmseg"):
+            lines = convert_to_mm(tmp_path / "full.pth", tmp_path / f"{layout}.pth", layout)
+            assert "dropped the classifier (classifier.1.weight, classifier.1.bias)" in lines
+            check_mm_checkpoint(tmp_path / f"{layout}.pth", layout, arch)
+
+
 def test_mobilenet_v2_stages_follow_openmmlab_arch_settings():
     for layout in ("mmdet", "mmseg"):
         stages = mobilenet_v2_stages(layout)

@@ -204,6 +204,12 @@ def test_imagenet_switching_from_full_to_subset_never_writes_into_the_source(ima
     assert not (dst / "val").is_symlink() and len(list((dst / "val").iterdir())) == 2
     assert len(list((dst / "train").iterdir())) == 2
     assert files(imagenet / "val") == source_val
+    with pytest.raises(LGDError, match="differ from this run"):  # and back to all classes
+        make_imagenet_subset(imagenet, dst, shots=2, classes=6)
+    summary = make_imagenet_subset(imagenet, dst, shots=2, classes=6, force=True)
+    assert summary.replaced == 1  # the folder of 2 class links became the link to the whole val/
+    assert (dst / "val").is_symlink() and os.path.realpath(dst / "val") == str((imagenet / "val").resolve())
+    assert files(imagenet / "val") == source_val
 
 
 def test_imagenet_layout_errors(imagenet, tmp_path):

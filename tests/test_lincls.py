@@ -19,12 +19,14 @@ from lgd.lincls import (
     LinclsConfig,
     ProbeState,
     balanced_subset,
+    extract_features,
     linear_classifier,
     load_backbone,
     lr_at,
     main,
     train_one_epoch,
 )
+from lgd.data import SeededImageFolder, image_folder
 from lgd.models import build_backbone, build_student
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +94,25 @@ def test_frozen_backbone_stays_bit_identical():
     for key, value in before.items():  # weights, BN running stats and num_batches_tracked
         assert torch.equal(after[key], value), key
     assert state.step == 3 and not torch.equal(fc.weight, fc_before)  # the probe itself did train
+
+
+def test_cached_features_keep_the_label_of_the_image_they_hold(tmp_path):
+    """An unreadable image is replaced by the next readable one, across a class boundary too: the cached row
+    must carry that image's label, not the folder list's."""
+    from PIL import Image
+
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "train" / name / "0.png")
+    (tmp_path / "train" / "a" / "1.png").write_bytes(b"not a png")  # the last image of class a
+    folder = image_folder(tmp_path / "train")
+    dataset = SeededImageFolder(folder, torchvision.transforms.ToTensor(), seed=0)
+    backbone = FrozenBackbone(torch.nn.AdaptiveAvgPool2d(1))
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        feats, labels = extract_features(backbone, 3, dataset, 0, tmp_path / "f" / "train.npy", 4, 0,
+                                         torch.device("cpu"), None, "train features")
+    assert folder.targets == [0, 0, 1] and labels.tolist() == [0, 1, 1]
+    torch.testing.assert_close(torch.tensor(feats[0, 1]), torch.tensor([0.0, 0.0, 1.0]))  # blue: class b
 
 
 def test_lr_schedule_is_the_authors():
@@ -224,10 +245,14 @@ def test_resume_continues_exactly(toy_checkpoint, tmp_path, capsys):
     assert whole["num_train_images"] == 240  # 10 % of each class's 100 images
     cache = shutil.copytree(tmp_path / "whole" / "features", tmp_path / "split" / "features")
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    probe(tmp_path, "split", *args, "--stop-after", "2")
+    partial = probe(tmp_path, "split", *args, "--stop-after", "2")
     assert safe_load(tmp_path / "split" / "lincls_last.pth")["epoch"] == 2
+    assert partial["complete"] is False and partial["metrics_epoch"] == 2  # never mistaken for a final result
+    err = _error(capsys, ["--config", TOY_CONFIG, "--output", str(tmp_path / "split"), "--workers", "0", *args,
+                          "--resume", "auto", "--batch-size", "128"])
+    assert "cannot resume" in err and "batch_size" in err  # the schedule would bend
     resumed = probe(tmp_path, "split", *args, "--resume", "auto")
-    assert resumed["epochs"] == 4 and resumed["top1"] == whole["top1"]
+    assert resumed["epochs"] == 4 and resumed["top1"] == whole["top1"] and resumed["complete"] is True
     a, b = (safe_load(tmp_path / run / "lincls_last.pth")["fc"] for run in ("whole", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps  # cached features were reused

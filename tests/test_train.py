@@ -163,6 +163,11 @@ def test_bad_input_errors(toy_world, mini_world, tmp_path, capsys):
     expect_user_error(capsys, [*mini_args(toy_world, mini_world, tmp_path / "o4"), "--teacher", "RN51"], "RN51")
     expect_user_error(capsys, [*mini_args(toy_world, mini_world, tmp_path / "o5"), "--batch-size", "1000"],
                       "fewer than one batch")
+    expect_user_error(capsys, [*mini_args(toy_world, mini_world, tmp_path / "o7"), "--image-size", "48"],
+                      "whose input resolution is 32px; pass --image-size 32")
+    expect_user_error(capsys, [*mini_args(toy_world, mini_world, tmp_path / "o8"), "--val-interval", "-1"],
+                      "val_interval must be >= 0")
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "o1").exists()  # refused before writing anything
     with pytest.raises(SystemExit):
         main([*mini_args(toy_world, mini_world, tmp_path / "o6"), "--arch", "alexnet"])
     assert "invalid choice" in capsys.readouterr().err
@@ -170,10 +175,14 @@ def test_bad_input_errors(toy_world, mini_world, tmp_path, capsys):
 
 def test_resume_from_another_arch_is_refused(toy_world, mini_world, tmp_path, capsys):
     out = tmp_path / "run"
-    main(mini_args(toy_world, mini_world, out, "--epochs", "1", "--stop-after", "1"))
-    capsys.readouterr()
+    main(mini_args(toy_world, mini_world, out, "--stop-after", "1", "--val-interval", "0"))  # 0: only at the end
+    assert "zero-shot top-1" not in capsys.readouterr().out
     expect_user_error(capsys, [*mini_args(toy_world, mini_world, out, "--resume", "auto"), "--arch", "mobilenet_v2"],
                       "holds a resnet18 student")
+    reordered = tmp_path / "reordered.txt"  # same TSB shape, rows in another order: the VSB rows would lie
+    reordered.write_text("\n".join(reversed(toy_world.classnames.read_text().split("\n")[:-1])) + "\n")
+    expect_user_error(capsys, [*mini_args(toy_world, mini_world, out, "--resume", "auto"), "--text", str(reordered)],
+                      "the TSB of")
 
 
 def test_batch_must_divide_by_world_size(monkeypatch):

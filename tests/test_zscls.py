@@ -16,6 +16,7 @@ from lgd.checkpoint import atomic_torch_save, load_checkpoint
 from lgd.convert import convert_to_torchvision
 from lgd.data import eval_transform, image_folder
 from lgd.models import build_student
+from lgd.toyworld import tiny_clip
 from lgd.zscls import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +137,27 @@ def test_checkpoint_of_another_arch_is_refused(toy_checkpoint, tmp_path, capsys)
     convert_to_torchvision(toy_checkpoint, tmp_path / "tv.pth")  # a backbone alone has no head and no TSB
     err = _error(capsys, ["--checkpoint", str(tmp_path / "tv.pth"), "--data", "toy", "--output", str(tmp_path)])
     assert "not an LGD checkpoint" in err
+
+
+def test_teacher_model_must_be_the_students_for_a_rebuilt_tsb(default_result, toy_checkpoint, toy_world, tmp_path,
+                                                                capsys):
+    """--teacher-model: the same teacher at a new path works; another model never builds the student's TSB."""
+    moved = _variant(toy_checkpoint, tmp_path / "moved.pth", teacher=str(tmp_path / "gone" / "teacher.pt"))
+    same = main(["--checkpoint", moved, "--data", "toy", "--teacher-model", str(toy_world.teacher), "--text", "folder",
+                 "--templates", "toy", "--output", str(tmp_path / "same"), "--workers", "0"])
+    assert same["student_top1"] == pytest.approx(default_result["student_top1"], abs=1e-9)
+    assert same["teacher_top1"] == pytest.approx(default_result["teacher_top1"], abs=1e-9)
+
+    torch.manual_seed(123)
+    other = tmp_path / "other_teacher.pth"  # same architecture and width, other weights
+    atomic_torch_save(tiny_clip().state_dict(), other)
+    err = _error(capsys, ["--checkpoint", str(toy_checkpoint), "--data", "toy", "--teacher-model", str(other),
+                          "--text", "folder", "--templates", "toy", "--output", str(tmp_path / "x"), "--workers", "0"])
+    assert "is another model" in err and "Drop --teacher-model" in err
+    result = main(["--checkpoint", str(toy_checkpoint), "--data", "toy", "--teacher-model", str(other),
+                   "--output", str(tmp_path / "ref"), "--workers", "0"])  # the checkpoint's TSB for the student
+    assert result["student_top1"] == pytest.approx(default_result["student_top1"], abs=1e-9)
+    assert "uses its own text bank" in capsys.readouterr().out
 
 
 def test_teacher_that_moved_is_a_clear_error(toy_checkpoint, tmp_path, capsys):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from .. import distributed as du
-from ..checkpoint import atomic_torch_save, backbone_state_dict, resume_path, safe_load
+from ..checkpoint import atomic_torch_save, atomic_write_text, backbone_state_dict, resume_path, safe_load
 from ..config import opt, save_config
-from ..convert import verify_torchvision_load
+from ..convert import split_classifier, verify_torchvision_load
 from ..data import NORMALIZATIONS, EpochSampler, loader_workers, normalization
 from ..errors import LGDError
-from ..models import build_backbone, classifier_name
+from ..models import build_backbone
 from ..toyworld import default_home
 from ..train import RunLog, StopRequested, amp_dtype, stop_after_reached
 
@@ -153,8 +152,7 @@ def load_backbone(source: str, arch: str) -> tuple[str, nn.Module, str]:
     report = verify_torchvision_load(arch, sd, str(source))  # one clear message for any mismatch
     with torch.device("meta"):  # every tensor comes from the checkpoint: skip the random initialisation
         model, _ = build_backbone(arch)
-    head = f"{classifier_name(arch)}."
-    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(head)}, strict=True, assign=True)
+    model.load_state_dict(split_classifier(arch, sd)[0], strict=True, assign=True)
     return arch, model, f"{source} {report}"
 
 
@@ -303,9 +301,7 @@ def build_optimizer(cfg: TransferConfig, model: nn.Module, backbone: nn.Module) 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Atomic JSON write: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 @dataclass
@@ -395,7 +391,7 @@ def _train_epoch(cfg: TransferConfig, task: Task, model: nn.Module, loader: Data
                        "img_per_s": img_s}, state.step)
             bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{img_s:.1f}")
             running, window_start, window_steps = {}, time.time(), 0
-        if stop.agreed(device):
+        if stop.agreed(device, state.step):
             bar.close()
             return True
     bar.close()
