@@ -1,13 +1,14 @@
 """Our CLIP: the OpenAI API (``available_models``, ``load``, ``tokenize``) over our own modules."""
 from .clip import CLIPLoadError, available_models, load
 from .model import CLIP, build_model
-from .tokenizer import SimpleTokenizer, tokenize
+from .tokenizer import SimpleTokenizer, TextTooLongError, tokenize
 from .zeroshot import get_classnames_and_templates
 
 __all__ = [
     "CLIP",
     "CLIPLoadError",
     "SimpleTokenizer",
+    "TextTooLongError",
     "available_models",
     "build_model",
     "get_classnames_and_templates",

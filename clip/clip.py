@@ -141,6 +141,9 @@ def download(url: str, root: str | os.PathLike[str], sha256: str | None = None) 
         os.umask(umask)
         os.chmod(part, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared model cache from the team
         os.replace(part, target)
+    except OSError as err:  # a full disk, a broken TLS stream: the partial file is removed below
+        raise CLIPLoadError(f"downloading {url} to {target} failed ({_first_line(err)}); check the free space "
+                            f"there and the connection, then retry") from None
     finally:
         if os.path.exists(part):
             os.remove(part)
@@ -205,6 +208,47 @@ def _load_checkpoint(path: str) -> Mapping[str, Any]:
     return obj  # build_model names the keys it lacks
 
 
+_HALF, _FLOAT = 5, 6  # TorchScript's ScalarType codes of torch.float16 and torch.float32
+
+
+def retarget_archive(archive: torch.jit.ScriptModule, device: torch.device) -> torch.jit.ScriptModule:
+    """Make a traced CLIP archive run on ``device``.
+
+    Tracing freezes the tracing device (OpenAI's: CUDA) into the graphs as constants, and the fp16 casts
+    of their half-precision weights (``image.type(self.dtype)``) as dtype constants; moving the weights
+    alone leaves both behind. So: point every device constant at ``device`` and, on CPU (where fp16 is slow
+    and imprecise), run in fp32 by turning the graphs' fp16 casts into fp32 ones.
+    """
+    archive = archive.to(device)
+    if device.type == "cpu":
+        archive = archive.float()
+    for module in archive.modules():
+        for method in module._c._method_names():
+            graph = module._c._get_method(method).graph
+            for node in graph.findAllNodes("prim::Constant"):
+                if str(node.output().type()) == "Device" and node.kindOf("value") == "s":
+                    node.s_("value", str(device))
+            if device.type != "cpu":
+                continue
+            for node in graph.nodes():
+                for position in _dtype_inputs(node):
+                    value = node.inputsAt(position)
+                    if (value.node().kind() == "prim::Constant" and str(value.type()) == "int"
+                            and value.node().i("value") == _HALF):
+                        with graph.insert_point_guard(node):  # a new constant: the old one may have other uses
+                            node.replaceInput(position, graph.insertConstant(_FLOAT))
+    return archive
+
+
+def _dtype_inputs(node: torch._C.Node) -> list[int]:
+    """Positions of the inputs of ``node`` that its operator schema declares as a dtype (``ScalarType``)."""
+    schema = node.schema()
+    if schema == "(no schema)":
+        return []
+    arguments = torch._C.parse_schema(schema).arguments
+    return [i for i, arg in enumerate(arguments[: node.inputsSize()]) if arg.name == "dtype"]
+
+
 def _resolve(name: str | os.PathLike[str], download_root: str | os.PathLike[str] | None) -> str:
     """A model name is downloaded (or found in the cache); anything else must be an existing file."""
     spec = os.fspath(name)
@@ -226,8 +270,8 @@ def load(name: str | os.PathLike[str], device: str | torch.device = "cpu", jit: 
     ``name`` is one of :func:`available_models` (downloaded into ``download_root``, default
     :func:`default_download_root`) or the path of an OpenAI TorchScript archive or of a state_dict.
     With ``jit=False`` (default) the weights go into our eager :class:`CLIP`, in eval mode, fp32 on
-    CPU and fp16 on CUDA (as OpenAI's loader does). ``jit=True`` returns a TorchScript archive
-    itself, moved to ``device``; OpenAI's archives were traced on CUDA, so on CPU prefer ``jit=False``.
+    CPU and fp16 on CUDA (as OpenAI's loader does). ``jit=True`` returns the TorchScript archive itself,
+    retargeted to ``device`` (:func:`retarget_archive`: fp32 on CPU, the archive's own precision on CUDA).
     Every failure raises :class:`CLIPLoadError`.
     """
     try:
@@ -252,7 +296,11 @@ def load(name: str | os.PathLike[str], device: str | torch.device = "cpu", jit: 
                 n_px = infer_hyperparameters(state_dict)["image_resolution"]
             except CLIPLoadError as err:
                 raise CLIPLoadError(f"{path}: {err}") from None
-            return archive.to(device), build_preprocess(n_px)
+            try:
+                return retarget_archive(archive, device), build_preprocess(n_px)
+            except RuntimeError as err:  # a graph this rewrite does not understand
+                raise CLIPLoadError(f"{path}: cannot move the TorchScript archive to {device} ({_first_line(err)}); "
+                                    "load it with jit=False") from None
     else:
         if jit:
             warnings.warn(f"{path} is not a TorchScript archive; loading its state_dict into the eager model",

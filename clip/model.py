@@ -210,7 +210,8 @@ class CLIP(nn.Module):
 
     ``vision_layers`` a sequence of 4 block counts selects the ModifiedResNet image tower, an int the
     ViT (then ``vision_patch_size`` is used). Attention heads follow the official rule of one head per
-    64 channels: the ViT and the ResNet attention pool (``vision_width * 32`` channels) derive theirs.
+    64 channels: the ViT and the ResNet attention pool (``vision_width * 32`` channels) derive theirs, and
+    ``transformer_heads`` must equal ``transformer_width // 64`` (the only count a checkpoint can reload with).
     """
 
     def __init__(self, embed_dim: int, image_resolution: int, vision_layers: int | Sequence[int],
@@ -232,6 +233,11 @@ class CLIP(nn.Module):
                                  f"width={vision_width}, patch size={vision_patch_size}")
             self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
                                             vision_width // HEAD_WIDTH, embed_dim)
+        if transformer_width % HEAD_WIDTH or transformer_heads != transformer_width // HEAD_WIDTH:
+            # The checkpoint format stores no head count, so build_model can only infer width // 64: any other
+            # count would reload into a different model without a word.
+            raise ValueError(f"the text transformer needs a width that is a multiple of {HEAD_WIDTH} and width // "
+                             f"{HEAD_WIDTH} heads, got width={transformer_width}, heads={transformer_heads}")
         causal = torch.ones(context_length, context_length, dtype=torch.bool).triu(1)  # True = masked
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, attn_mask=causal)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)

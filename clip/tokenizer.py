@@ -135,11 +135,16 @@ def _default_tokenizer() -> SimpleTokenizer:
     return SimpleTokenizer()
 
 
+class TextTooLongError(ValueError, RuntimeError):
+    """A text longer than the context length: a ``ValueError``, and the ``RuntimeError`` that OpenAI's
+    ``clip.tokenize`` raises, so that ``except`` clauses written for either keep working."""
+
+
 def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = False) -> torch.Tensor:
     """Token ids for CLIP's text encoder: ``[start] + tokens + [end]``, zero-padded to ``context_length``.
 
     Returns a LongTensor of shape ``[len(texts), context_length]`` (one row for a single string).
-    A text that does not fit raises ``ValueError`` unless ``truncate=True``, which cuts it and keeps the
+    A text that does not fit raises :class:`TextTooLongError` unless ``truncate=True``, which cuts it and keeps the
     end token last (the text encoder pools its features at the end token).
     """
     if context_length < 2:
@@ -153,7 +158,7 @@ def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = 
         if len(ids) > context_length:
             if not truncate:
                 shown = text if len(text) <= 60 else text[:57] + "..."
-                raise ValueError(
+                raise TextTooLongError(
                     f"text {shown!r} is {len(ids)} tokens long (with start/end tokens), more than the context "
                     f"length {context_length}; shorten it or pass truncate=True"
                 )

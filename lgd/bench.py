@@ -55,7 +55,7 @@ from .errors import LGDError, cli_entry
 from .losses import lgd_loss
 from .models import available_students, build_student
 from .toyworld import ensure_toy_world
-from .train import FrozenTeacher, State, TrainConfig, amp_dtype, lgd_step
+from .train import FrozenTeacher, State, TrainConfig, amp_dtype, lgd_step, teacher_dtype
 from .views import MocoV2View
 
 # Official CLIP constructor arguments (embed_dim, vision_layers, vision_width, vision_patch_size) of the
@@ -254,9 +254,8 @@ class StepRunner:
         visual, embed_dim = towers[key]
         self.teacher: nn.Module | None = None
         if not setting.cached:
-            dtype = self.autocast if (self.autocast is not None and device.type == "cuda") else torch.float32
             # A copy: FrozenTeacher converts its tower in place, and other settings may share the tower.
-            self.teacher = FrozenTeacher(copy.deepcopy(visual), dtype).to(device)
+            self.teacher = FrozenTeacher(copy.deepcopy(visual), teacher_dtype(self.autocast, device)).to(device)
             if setting.channels_last:
                 self.teacher = self.teacher.to(memory_format=torch.channels_last)
         generator = torch.Generator().manual_seed(args.seed)
@@ -396,7 +395,8 @@ def write_synthetic_jpegs(root: Path, count: int, size: tuple[int, int], classes
     """``count`` photo-like JPEGs (smooth colour fields with grain, quality 90) in ``classes`` folders."""
     rng = np.random.default_rng(seed)
     width, height = size
-    for i in range(count):
+    for i in tqdm(range(count), desc="writing synthetic JPEGs", unit="img", leave=False, dynamic_ncols=True,
+                  disable=not du.is_main()):
         folder = root / f"class{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
@@ -443,10 +443,13 @@ def bench_loader(args: argparse.Namespace, device: torch.device) -> dict[str, An
             threads = torch.get_num_threads()
             if workers == 0:
                 torch.set_num_threads(1)  # like a DataLoader worker, so that the row is one worker's rate
+            progress = tqdm(total=warmup + args.steps, desc=f"loader, {workers} worker(s)", unit="batch", leave=False,
+                            dynamic_ncols=True, disable=not du.is_main())
             while batches < warmup + args.steps:
                 sampler.set_epoch(epoch)
                 for batch in loader:
                     batches += 1
+                    progress.update()
                     if batches == warmup:
                         begin = time.perf_counter()
                     elif batches > warmup:
@@ -455,6 +458,7 @@ def bench_loader(args: argparse.Namespace, device: torch.device) -> dict[str, An
                         break
                 epoch += 1
             rate = images / (time.perf_counter() - begin)
+            progress.close()
             torch.set_num_threads(threads)
             rows.append({"workers": workers, "img_per_s": rate, "img_per_s_per_worker": rate / max(1, workers),
                          "warmup_batches": warmup})

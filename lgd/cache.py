@@ -42,7 +42,7 @@ import clip
 
 from . import distributed as du
 from .config import opt, parse_config
-from .data import image_folder, loader_workers, rgb_loader, sample_seed
+from .data import VIEW_INTERPOLATION, image_folder, loader_workers, rgb_loader, sample_seed
 from .checkpoint import atomic_file, atomic_write_text
 from .errors import LGDError, cli_entry
 from .toyworld import ensure_toy_world
@@ -219,6 +219,10 @@ class TeacherCache:
         if (view["image_size"], view["min_scale"]) != (image_size, min_scale):
             problems.append(f"its views are {view['image_size']} px crops of min scale {view['min_scale']}, "
                             f"this run asks for {image_size} px and {min_scale}")
+        built_with = view.get("interpolation", "bicubic")  # caches of lgd before 2026-11-28 resized bicubically
+        if built_with != VIEW_INTERPOLATION.value:
+            problems.append(f"its embeddings are of {built_with}-resized crops, this lgd renders the student's view "
+                            f"{VIEW_INTERPOLATION.value}, so they would not be the same images")
         if problems:
             raise LGDError(f"cannot use the teacher cache {where}: " + "; ".join(problems)
                            + ". Build a matching cache with `python -m lgd.cache`, or train without --teacher-cache")
@@ -316,6 +320,7 @@ def _atomic_save_npy(array: np.ndarray, path: Path) -> None:
 
 
 def _teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on GPU, as a training run with AMP runs the teacher (the stored embeddings are fp16 anyway)."""
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
@@ -359,7 +364,8 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
         "dataset": {"images": len(folder.samples), "classes": len(folder.classes), "fingerprint": dataset_fingerprint(folder)},
         "views": cfg.views,
         "seed": cfg.seed,
-        "view": {"kind": "moco_v2", "image_size": cfg.image_size, "min_scale": cfg.min_crop_scale, "norm": view.norm},
+        "view": {"kind": "moco_v2", "image_size": cfg.image_size, "min_scale": cfg.min_crop_scale, "norm": view.norm,
+                 "interpolation": VIEW_INTERPOLATION.value},
         "chunk_images": cfg.chunk_images,
         "record_dtype": str(record_dtype(embed_dim).descr),
         "built": {"root": str(folder.root), "teacher_dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__},

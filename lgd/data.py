@@ -42,12 +42,17 @@ def normalization(name: str) -> transforms.Normalize:
     return transforms.Normalize(mean, std)
 
 
+# Training crops resize bilinearly, torchvision's default that MoCo v2, SEED and the LGD authors' code use;
+# evaluation resizes bicubically, as CLIP's own preprocessing does for the teacher's zero-shot numbers.
+VIEW_INTERPOLATION = transforms.InterpolationMode.BILINEAR
+
+
 def moco_v2_transform(size: int, norm: str = "clip", min_scale: float = 0.2) -> transforms.Compose:
     """The view LGD feeds to both networks: MoCo-v2 augmentation with CLIP mean/std."""
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd, as in MoCo v2
     return transforms.Compose(
         [
-            transforms.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=VIEW_INTERPOLATION),
             transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             transforms.RandomGrayscale(p=0.2),
             transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),

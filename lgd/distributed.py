@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
 
 
 def is_dist() -> bool:
@@ -83,3 +84,14 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_dist():
         dist.broadcast(tensor, src)
     return tensor
+
+
+def shard_indices(n: int) -> list[int]:
+    """This rank's share of ``range(n)`` for evaluation: strided, disjoint, and covering every index exactly once
+    (unlike ``DistributedSampler``, which pads with duplicates and would bias the counts)."""
+    return list(range(rank(), n, world_size()))
+
+
+def shard(dataset: Dataset) -> Subset:
+    """This rank's :func:`shard_indices` of a map-style dataset."""
+    return Subset(dataset, shard_indices(len(dataset)))  # type: ignore[arg-type]

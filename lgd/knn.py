@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from . import distributed as du
 from .config import opt, parse_config
@@ -77,22 +77,20 @@ def _gather_uneven(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
-def shard(dataset: Any) -> Subset:
-    """This rank's share of a dataset for ``knn_monitor`` (every rank gets a distinct, near-equal part)."""
-    return Subset(dataset, range(du.rank(), len(dataset), du.world_size()))
-
-
 def knn_monitor(features: Callable[[torch.Tensor], torch.Tensor], bank_loader: DataLoader, query_loader: DataLoader,
                 device: torch.device, num_classes: int, k: int = 20, temperature: float = 0.07,
                 autocast: torch.dtype | None = None) -> dict[str, float]:
     """kNN top-1/top-5 (%) of the queries against the bank (both un-augmented, labelled by folder).
 
     ``features`` is e.g. ``student.features`` (the pooled backbone output) with the model in eval mode.
-    Under DDP, call it on every rank with loaders over this rank's :func:`shard` of each dataset.
+    Under DDP, call it on every rank with loaders over this rank's :func:`lgd.distributed.shard` of each dataset.
     """
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         bank, bank_labels = embed_dataset(features, bank_loader, device, desc="kNN bank")
         queries, labels = embed_dataset(features, query_loader, device, desc="kNN queries")
+    if du.is_dist():  # a rank with an empty shard (fewer images than ranks) learns the feature width from the others
+        dim = int(du.all_gather_cat(torch.tensor([bank.shape[1], queries.shape[1]], device=device)).max())
+        bank, queries = (x if len(x) else x.new_empty(0, dim) for x in (bank, queries))
     queries = _gather_uneven(queries.to(device), device)
     labels = _gather_uneven(labels.to(device), device)
     sims, neighbour_labels = nearest(bank.to(device), bank_labels.to(device), queries, k)
@@ -147,7 +145,7 @@ def knn(cfg: KnnConfig) -> dict[str, Any]:
                        f"({len(bank_set.classes)} vs {len(query_set.classes)} classes)")
     restrict(bank_set, balanced_subset(bank_set.targets, cfg.train_fraction, cfg.seed))
     bank_set.transform = query_set.transform = eval_transform(image_size, cfg.norm)
-    loaders = [DataLoader(shard(s), batch_size=cfg.batch_size, num_workers=loader_workers(cfg.workers),
+    loaders = [DataLoader(du.shard(s), batch_size=cfg.batch_size, num_workers=loader_workers(cfg.workers),
                           pin_memory=device.type == "cuda") for s in (bank_set, query_set)]
     if du.is_main():
         print(f"kNN (k={cfg.k}, T={cfg.temperature}): {loaded.source}\n  bank {len(bank_set)} images of "

@@ -33,9 +33,10 @@ from . import distributed as du
 from .checkpoint import atomic_torch_save, atomic_write_text, backbone_state_dict, is_lgd_checkpoint, resume_path, safe_load
 from .config import opt, parse_config, save_config
 from .convert import split_classifier, verify_torchvision_load
-from .data import (NORMALIZATIONS, EpochSampler, SeededImageFolder, eval_transform, image_folder, loader_workers,
-                   normalization, sample_seed)
+from .data import (NORMALIZATIONS, VIEW_INTERPOLATION, EpochSampler, SeededImageFolder, eval_transform, image_folder,
+                   loader_workers, normalization, sample_seed)
 from .errors import LGDError, cli_entry
+from .evaluate import accuracy_from_hits, topk_hits
 from .models import build_backbone
 from .toyworld import ensure_toy_world
 from .train import RunLog, StopRequested, amp_dtype, stop_after_reached
@@ -204,7 +205,7 @@ def restrict(folder: datasets.ImageFolder, indices: Sequence[int]) -> datasets.I
 def train_transform(size: int, norm: str) -> transforms.Compose:
     """The probe's augmentation: RandomResizedCrop (default scale) + horizontal flip."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(size, interpolation=VIEW_INTERPOLATION),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         normalization(norm),
@@ -271,7 +272,7 @@ def extract_features(backbone: FrozenBackbone, feature_dim: int, dataset: Seeded
             open_memmap(labels_tmp, mode="w+", dtype=np.int64, shape=(len(dataset),))
         du.barrier()
         store, labels = open_memmap(tmp, mode="r+"), open_memmap(labels_tmp, mode="r+")
-        shard = list(range(du.rank(), len(dataset), du.world_size()))
+        shard = du.shard_indices(len(dataset))
         skipped = 0
         for view in range(max(1, views)):
             keys = [(i, view) for i in shard]
@@ -326,15 +327,20 @@ class ProbeState:
 
 def train_one_epoch(cfg: LinclsConfig, state: ProbeState, backbone: FrozenBackbone | None, fc: nn.Module,
                     loader: DataLoader, per_epoch: int, device: torch.device, autocast: torch.dtype | None,
-                    stop: StopRequested | None, log: RunLog | None) -> bool:
-    """One pass; ``backbone`` is None when the loader yields cached features. Returns whether a signal stopped it."""
+                    stop: StopRequested | None, log: RunLog | None) -> tuple[bool, int]:
+    """One pass; ``backbone`` is None when the loader yields cached features.
+
+    Returns whether a signal stopped it, and how many unreadable images this rank's loader replaced.
+    """
     fc.train()
     running = torch.zeros(2, device=device)
-    window = 0
+    window, skipped = 0, 0
     bar = tqdm(total=per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                disable=not du.is_main(), dynamic_ncols=True, leave=False)
     for batch in loader:
         inputs, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if len(batch) > 2:  # image batches report the unreadable files they replaced
+            skipped += int(batch[2].sum())
         lr = lr_at(state.step, per_epoch, cfg)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
@@ -363,9 +369,9 @@ def train_one_epoch(cfg: LinclsConfig, state: ProbeState, backbone: FrozenBackbo
             window = 0
         if stop is not None and stop.agreed(device, state.step):
             bar.close()
-            return True
+            return True, skipped
     bar.close()
-    return False
+    return False, skipped
 
 
 @torch.no_grad()
@@ -373,20 +379,15 @@ def evaluate(backbone: FrozenBackbone | None, fc: nn.Module, loader: DataLoader,
              autocast: torch.dtype | None) -> dict[str, float]:
     """Top-1/top-5 (%) over this rank's shard, summed over all ranks (no padded duplicates)."""
     fc.eval()
-    counts = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    counts = torch.zeros(3, dtype=torch.float64)  # topk_hits' layout: top-1 hits, top-5 hits, images
     for batch in tqdm(loader, desc="evaluating", disable=not du.is_main(), leave=False, dynamic_ncols=True):
-        inputs, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        inputs, target = batch[0].to(device, non_blocking=True), batch[1]
         if backbone is not None:
             with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                 inputs = backbone(inputs)
-        logits = fc(inputs.float())
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top.eq(target.unsqueeze(1))
-        counts += torch.tensor([hits[:, 0].sum().item(), hits.any(1).sum().item(), len(target)],
-                               device=device, dtype=torch.float64)
-    counts = du.all_reduce_sum(counts)
-    total = max(1.0, counts[2].item())
-    return {"top1": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total}
+        counts += topk_hits(fc(inputs.float()), target)
+    acc = accuracy_from_hits(du.all_reduce_sum(counts.to(device)).cpu())
+    return {"top1": acc[1], "top5": acc[5]}
 
 
 PROTOCOL_KEYS = ("batch_size", "base_lr", "momentum", "weight_decay", "warmup_epochs", "lr_steps", "lr_decay",
@@ -463,7 +464,7 @@ def build_data(cfg: LinclsConfig, root: Path, train_folder: datasets.ImageFolder
                autocast: torch.dtype | None) -> ProbeData:
     """Image loaders (standard mode) or loaders over features extracted once (``--cached-features``)."""
     local_batch = cfg.batch_size // du.world_size()
-    val_shard = list(range(du.rank(), len(val_folder), du.world_size()))
+    val_shard = du.shard_indices(len(val_folder))
     val_transform = eval_transform(cfg.image_size, cfg.norm)
     augment = train_transform(cfg.image_size, cfg.norm)
     views = cfg.cached_views if cfg.augment else 0
@@ -472,7 +473,8 @@ def build_data(cfg: LinclsConfig, root: Path, train_folder: datasets.ImageFolder
                   "autocast": str(autocast)}
         train_images = SeededImageFolder(train_folder, augment if views else val_transform, cfg.seed)
         identity = {**common, "split": str((root / "train").resolve()), "views": views, "seed": cfg.seed,
-                    "images": _samples_digest(train_folder)}
+                    "images": _samples_digest(train_folder),
+                    **({"crop_interpolation": VIEW_INTERPOLATION.value} if views else {})}
         train_feats = extract_features(backbone, loaded.feature_dim, train_images, views,
                                        feature_cache_path(out, "train", identity), local_batch, cfg.workers, device,
                                        autocast, "train features")
@@ -495,7 +497,7 @@ def build_data(cfg: LinclsConfig, root: Path, train_folder: datasets.ImageFolder
     train_loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=loader_workers(cfg.workers),
                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
     val_folder.transform = val_transform
-    val_loader = DataLoader(Subset(val_folder, val_shard), batch_size=local_batch, num_workers=loader_workers(cfg.workers),
+    val_loader = DataLoader(du.shard(val_folder), batch_size=local_batch, num_workers=loader_workers(cfg.workers),
                             pin_memory=device.type == "cuda")
     mode = "standard" if cfg.augment else "standard (no augmentation)"
     return ProbeData(train_set, train_loader, sampler, val_loader, images=True, mode=mode)
@@ -550,9 +552,14 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
     try:
         while state.epoch < cfg.epochs:
             data.sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * local_batch)
-            if train_one_epoch(cfg, state, train_backbone, model, data.train_loader, per_epoch, device, autocast,
-                               stop, log):
+            stopped, skipped = train_one_epoch(cfg, state, train_backbone, model, data.train_loader, per_epoch, device,
+                                               autocast, stop, log)
+            if stopped:
                 stop.save_and_exit(lambda: save_probe(state, last, cfg, identity), state.epoch, state.step, last)
+            skipped = int(du.all_reduce_sum(torch.tensor(skipped, device=device)).item())
+            if skipped and du.is_main():
+                print(f"note: epoch {state.epoch + 1}: {skipped} unreadable training image(s) were replaced by the next "
+                      "readable one (see the warnings)")
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             done = state.epoch == cfg.epochs
             if done or state.epoch % cfg.eval_interval == 0:

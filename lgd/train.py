@@ -32,8 +32,8 @@ from .config import opt, parse_config, save_config
 from .cache import CachedViewDataset, open_teacher_cache, teacher_embeddings
 from .data import EpochSampler, SeededImageFolder, eval_transform, image_folder, loader_workers
 from .errors import LGDError, cli_entry
-from .evaluate import embed_dataset, topk_accuracy, zero_shot_logits
-from .knn import knn_monitor, shard
+from .evaluate import accuracy_from_hits, embed_dataset, topk_hits, zero_shot_logits
+from .knn import knn_monitor
 from .losses import lgd_loss
 from .models import LGDStudent, available_students, build_student
 from .toyworld import default_home, ensure_toy_world
@@ -70,7 +70,8 @@ class TrainConfig:
     resume: str = field(default="", metadata=opt("'auto' (the run folder's last checkpoint, if any) or a checkpoint path"))
     seed: int = field(default=0, metadata=opt("seed of initialisation, data order and augmentation"))
     device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
-    amp: str = field(default="auto", metadata=opt("autocast: auto (bf16 on GPU, off on CPU), bf16, fp16, off",
+    amp: str = field(default="auto", metadata=opt("student autocast: auto (bf16 on GPU, off on CPU), bf16, fp16, off; with AMP "
+                                                   "on GPU the teacher runs in fp16",
                                                    choices=["auto", "bf16", "fp16", "off"]))
     channels_last: bool = field(default=False, metadata=opt("channels_last memory format for teacher and student"))
     compile: bool = field(default=False, metadata=opt("torch.compile the student"))
@@ -139,6 +140,15 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.amp in ("auto", "bf16"):
         return torch.bfloat16
     return torch.float16
+
+
+def teacher_dtype(autocast: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The frozen teacher's precision: fp16 on GPU whenever AMP is on (CLIP's own, and the authors'), else fp32.
+
+    Not bf16 even when the student autocasts to bf16: with τ_t = 0.01 its 8-bit mantissa moves the teacher's
+    target logits by whole units (cosine errors of ~0.04 measured on a small tower), fp16's by ~0.002.
+    """
+    return torch.float16 if autocast is not None and device.type == "cuda" else torch.float32
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -324,9 +334,11 @@ def resume_state(state: State, cfg: TrainConfig, out: Path, tsb: torch.Tensor) -
 @torch.no_grad()
 def zero_shot(embed: nn.Module, loader: DataLoader, tsb: torch.Tensor, device: torch.device,
               autocast: torch.dtype | None, desc: str) -> dict[str, float]:
+    """Zero-shot top-1/top-5 (%) against the TSB; under DDP each rank scores its shard and the hits are summed."""
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         feats, labels = embed_dataset(embed, loader, device, desc=desc)
-    acc = topk_accuracy(zero_shot_logits(feats, tsb.cpu()), labels)
+    logits = zero_shot_logits(feats, tsb.cpu()) if len(feats) else torch.empty(0, len(tsb))
+    acc = accuracy_from_hits(du.all_reduce_sum(topk_hits(logits, labels).to(device)).cpu())
     return {"top1": acc[1], "top5": acc[5]}
 
 
@@ -439,11 +451,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if du.is_main():
         tsb = load_or_build_tsb(clip_model, classnames, templates, Path(cfg.cache_dir or default_home()) / "tsb")
     tsb = du.broadcast(tsb.to(device))
-    teacher_dtype = autocast if (autocast is not None and device.type == "cuda") else torch.float32
+    teacher_precision = teacher_dtype(autocast, device)
     visual = clip_model.visual
     del clip_model  # the text tower is not needed any more
     # With a teacher cache the teacher never runs in training (it is built once, for the zero-shot baseline).
-    teacher = None if cfg.teacher_cache else FrozenTeacher(visual, teacher_dtype).to(device)
+    teacher = None if cfg.teacher_cache else FrozenTeacher(visual, teacher_precision).to(device)
     if cfg.channels_last and teacher is not None:
         teacher = teacher.to(memory_format=torch.channels_last)
 
@@ -499,15 +511,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                       f"{setup.data / 'train'} have different class folders, so val labels cannot be matched to the "
                       "text set's classes (use python -m lgd.zscls)")
         else:
-            val_loader = DataLoader(val_set, batch_size=min(local_batch, 256), num_workers=loader_workers(cfg.workers),
-                                    pin_memory=device.type == "cuda")
+            val_loader = DataLoader(du.shard(val_set), batch_size=min(local_batch, 256),
+                                    num_workers=loader_workers(cfg.workers), pin_memory=device.type == "cuda")
     knn_loaders: list[DataLoader] = []
     if cfg.knn_interval and (setup.data / "val").is_dir():
         bank_set, query_set = image_folder(setup.data / "train"), image_folder(setup.data / "val")
         knn_classes = len(bank_set.classes)
         if bank_set.classes == query_set.classes:
             bank_set.transform = query_set.transform = eval_transform(cfg.image_size)
-            knn_loaders = [DataLoader(shard(s), batch_size=min(local_batch, 256), num_workers=loader_workers(cfg.workers),
+            knn_loaders = [DataLoader(du.shard(s), batch_size=min(local_batch, 256), num_workers=loader_workers(cfg.workers),
                                       pin_memory=device.type == "cuda") for s in (bank_set, query_set)]
         elif du.is_main():
             print(f"note: no kNN monitor: {setup.data / 'val'} lacks the class folders of {setup.data / 'train'}")
@@ -534,7 +546,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             bad = int(du.all_reduce_sum(torch.tensor(bad, device=device)).item())
             # Every rank updates the VSB from the same gathered batch, but CUDA's index_add_ sums in no fixed
             # order: re-align the ranks on rank 0's bank (the one saved) once per epoch, before ULPs add up.
-            du.broadcast(state.vsb.bank)
+            # BN running stats: DDP copies rank 0's before each forward, so after the last step every rank has
+            # its own; align them too, so that the sharded evaluation below scores exactly the saved checkpoint.
+            for tensor in (state.vsb.bank, *student.buffers()):
+                du.broadcast(tensor)
             seen = per_epoch * cfg.batch_size
             if bad > cfg.max_bad_images * seen:
                 raise LGDError(f"{bad} unreadable images in epoch {state.epoch + 1} (limit {cfg.max_bad_images:.1%} "
@@ -542,17 +557,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             done = state.epoch == cfg.epochs
             if val_loader is not None and (done or (cfg.val_interval and state.epoch % cfg.val_interval == 0)):
+                if teacher_metrics is None:
+                    evaluated = teacher if teacher is not None else FrozenTeacher(visual, teacher_precision).to(device)
+                    teacher_metrics = zero_shot(evaluated, val_loader, tsb, device, None, "zero-shot (teacher)")
+                student_metrics = zero_shot(student.eval(), val_loader, tsb, device, autocast, "zero-shot (student)")
+                state.metrics = {"teacher_top1": teacher_metrics["top1"], "teacher_top5": teacher_metrics["top5"],
+                                 "student_top1": student_metrics["top1"], "student_top5": student_metrics["top5"]}
+                log.write({"type": "val", "epoch": state.epoch, "step": state.step, **state.metrics}, state.step)
                 if du.is_main():
-                    if teacher_metrics is None:
-                        evaluated = teacher if teacher is not None else FrozenTeacher(visual, teacher_dtype).to(device)
-                        teacher_metrics = zero_shot(evaluated, val_loader, tsb, device, None, "zero-shot (teacher)")
-                    student_metrics = zero_shot(student.eval(), val_loader, tsb, device, autocast, "zero-shot (student)")
-                    state.metrics = {"teacher_top1": teacher_metrics["top1"], "teacher_top5": teacher_metrics["top5"],
-                                     "student_top1": student_metrics["top1"], "student_top5": student_metrics["top5"]}
-                    log.write({"type": "val", "epoch": state.epoch, "step": state.step, **state.metrics}, state.step)
                     print(f"epoch {state.epoch}: zero-shot top-1 student {state.metrics['student_top1']:.2f}% "
                           f"(teacher {state.metrics['teacher_top1']:.2f}%)")
-                du.barrier()
             if knn_loaders and (done or state.epoch % cfg.knn_interval == 0):
                 knn = knn_monitor(student.eval().features, *knn_loaders, device, knn_classes, autocast=autocast)
                 state.metrics.update(knn)

@@ -18,13 +18,12 @@ from torch import nn
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from .data import normalization
+from .data import VIEW_INTERPOLATION, normalization
 from .errors import LGDError
 
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue strengths
 P_JITTER, P_GRAY, P_BLUR, P_FLIP = 0.8, 0.2, 0.5, 0.5
 BLUR_SIGMA = (0.1, 2.0)
-INTERPOLATION = transforms.InterpolationMode.BICUBIC
 
 # One view's parameters as a fixed-size record (what the cache stores per view).
 PARAMS_DTYPE = np.dtype(
@@ -94,7 +93,7 @@ class MocoV2View:
         self.size, self.norm, self.min_scale = size, norm, min_scale
         self.kernel = blur_kernel(size)
         # torchvision's own modules hold the parameter ranges; only their static samplers are called.
-        self._crop = transforms.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=INTERPOLATION)
+        self._crop = transforms.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=VIEW_INTERPOLATION)
         self._jitter = transforms.ColorJitter(*JITTER)
         self._normalize = normalization(norm)
 
@@ -118,7 +117,7 @@ class MocoV2View:
 
     def render(self, image: Image.Image, params: ViewParams) -> torch.Tensor:
         """The normalised [3, size, size] view of ``image`` that ``params`` describe (deterministic)."""
-        x = TF.resized_crop(image, *params.box, [self.size, self.size], INTERPOLATION, antialias=True)
+        x = TF.resized_crop(image, *params.box, [self.size, self.size], VIEW_INTERPOLATION, antialias=True)
         if params.jitter:
             adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
             for fn_id in params.order:

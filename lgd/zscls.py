@@ -29,7 +29,7 @@ from .evaluate import embed_dataset, topk_accuracy, zero_shot_logits
 from .lincls import TOY_HINT, resolve_data, write_json
 from .models import build_student
 from .toyworld import default_home, ensure_toy_world
-from .train import FrozenTeacher, amp_dtype
+from .train import FrozenTeacher, amp_dtype, teacher_dtype
 
 
 @dataclass
@@ -214,8 +214,7 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
     teacher_acc: dict[int, float | None] = {1: None, 5: None}
     teacher_per_class = None
     if cfg.teacher:
-        teacher_dtype = autocast if (autocast is not None and device.type == "cuda") else torch.float32
-        teacher = FrozenTeacher(clip_model.visual, teacher_dtype).to(device)
+        teacher = FrozenTeacher(clip_model.visual, teacher_dtype(autocast, device)).to(device)
         t_feats, _ = embed_dataset(teacher, loader, device, desc="zero-shot (teacher)")
         t_logits = zero_shot_logits(t_feats, teacher_tsb)
         teacher_acc = topk_accuracy(t_logits, labels)

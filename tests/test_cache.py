@@ -212,6 +212,13 @@ def test_mismatching_cache_is_refused(world: dict[str, Path], built: TeacherCach
     manifest = json.loads((built.root / "manifest.json").read_text())
     assert manifest["views"] == VIEWS and manifest["seed"] == SEED and manifest["dataset"]["images"] == 11
 
+    old = tmp_path / "old_cache"  # built before views were resized bilinearly: its manifest has no interpolation
+    shutil.copytree(built.root, old)
+    del manifest["view"]["interpolation"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LGDError, match="bicubic-resized crops"):
+        open_teacher_cache(old, visual=_visual(world["teacher"]), folder=folder, image_size=SIZE, min_scale=MIN_SCALE)
+
 
 def _train(world: dict[str, Path], out: Path, *extra: str) -> list[dict]:
     from lgd.train import main as train_main

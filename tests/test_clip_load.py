@@ -5,8 +5,10 @@ Downloads are served by a local HTTP server in a thread; files follow OpenAI's U
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -109,9 +111,13 @@ def test_load_state_dict_file(tmp_path: Path, vit_state_dict: dict[str, torch.Te
     assert preprocess(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
 
 
-def save_torchscript_archive(model: CLIP, path: Path, hp: dict[str, Any]) -> None:
+def save_torchscript_archive(model: CLIP, path: Path, hp: dict[str, Any], half: bool = False,
+                             device_constants: str | None = None) -> None:
     """Trace ``model`` like OpenAI's archives: encode_image/encode_text/forward, plus the three scalar
-    tensors (input_resolution, context_length, vocab_size) that their state_dicts carry."""
+    tensors (input_resolution, context_length, vocab_size) that their state_dicts carry.
+
+    ``half`` traces in fp16 and ``device_constants`` rewrites the traced device constants (e.g. to
+    ``"cuda:0"``): together, what OpenAI's CUDA-traced fp16 archives hold, made without a GPU."""
 
     class WithArchiveScalars(CLIP):
         def __init__(self) -> None:
@@ -124,11 +130,19 @@ def save_torchscript_archive(model: CLIP, path: Path, hp: dict[str, Any]) -> Non
     source = WithArchiveScalars()
     source.load_state_dict(model.state_dict(), strict=False)
     images, text = example_inputs(hp)
+    if half:
+        source, images = source.half(), images.half()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter
         # No trace check: it re-traces every method, and MultiheadAttention's kernel choice differs per run.
         traced = torch.jit.trace_module(source.eval(), {
             "forward": (images, text), "encode_image": (images,), "encode_text": (text,)}, check_trace=False)
+        if device_constants:
+            for module in traced.modules():
+                for method in module._c._method_names():
+                    for node in module._c._get_method(method).graph.findAllNodes("prim::Constant"):
+                        if str(node.output().type()) == "Device":
+                            node.s_("value", device_constants)
         torch.jit.save(traced, str(path))
 
 
@@ -151,6 +165,25 @@ def test_torchscript_archive_round_trip(tmp_path: Path, hp: dict[str, Any]) -> N
     assert isinstance(scripted, torch.jit.ScriptModule)
     assert_same_outputs(scripted, reference, hp)
     assert preprocess(Image.new("RGB", (99, 70))).shape[-1] == hp["image_resolution"]
+
+
+@pytest.mark.parametrize("hp", [TINY_RESNET, TINY_VIT], ids=["resnet", "vit"])
+def test_cuda_fp16_archive_runs_on_cpu_with_jit(tmp_path: Path, hp: dict[str, Any]) -> None:
+    """OpenAI's archives were traced on CUDA in fp16, which their graphs remember: jit=True must rewrite that."""
+    path = tmp_path / "cuda_fp16.pt"
+    save_torchscript_archive(build_model(make_openai_state_dict(hp)), path, hp, half=True, device_constants="cuda:0")
+    images, text = example_inputs(hp)
+    if not torch.cuda.is_available():  # the archive as traced cannot run here: proof that load has work to do
+        with warnings.catch_warnings(), pytest.raises(RuntimeError):
+            warnings.simplefilter("ignore")
+            torch.jit.load(str(path), map_location="cpu").encode_text(text)
+    scripted, _ = load(str(path), jit=True)
+    eager, _ = load(str(path), jit=False)  # the same fp16-rounded weights in our fp32 model
+    with torch.no_grad():
+        for method, inputs in (("encode_image", images), ("encode_text", text)):
+            features = getattr(scripted, method)(inputs)
+            assert features.dtype == torch.float32 and features.device.type == "cpu"
+            torch.testing.assert_close(features, getattr(eager, method)(inputs))
 
 
 def test_jit_true_on_state_dict_falls_back_to_eager(tmp_path: Path, vit_state_dict: dict[str, torch.Tensor]) -> None:
@@ -251,6 +284,23 @@ def test_unreachable_url_says_where_to_put_the_file(http_root: tuple[Path, str],
     with pytest.raises(CLIPLoadError, match=re.escape(url) + ".*" + re.escape(str(tmp_path / "absent.pt"))):
         download(url, tmp_path)
     assert leftovers(tmp_path) == []
+
+
+class _FullDisk(io.FileIO):
+    """The download's temporary file on a disk that has just filled up."""
+
+    def write(self, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_write_failure_during_download_is_a_load_error(http_root: tuple[Path, str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    url, _ = publish(http_root, os.urandom(10_000))
+    monkeypatch.setattr(clip_api.os, "fdopen", lambda fd, mode: _FullDisk(fd, "w"))
+    with pytest.raises(CLIPLoadError, match="No space left on device.*free space"):
+        download(url, tmp_path)
+    monkeypatch.undo()
+    assert leftovers(tmp_path) == [] and not (tmp_path / "tiny.pt").exists()
 
 
 def test_load_by_name_downloads_once(http_root: tuple[Path, str], tmp_path: Path,

@@ -160,6 +160,10 @@ def test_constructor_rejects_impossible_towers() -> None:
         CLIP(**{**TINY_VIT, "vision_width": 96})
     with pytest.raises(ValueError, match="4 stage depths"):
         CLIP(**{**TINY_RESNET, "vision_layers": (1, 1, 1)})
+    with pytest.raises(ValueError, match="heads=1"):  # 128 channels imply 2 heads: 1 would not reload as 1
+        CLIP(**{**TINY_VIT, "transformer_heads": 1})
+    with pytest.raises(ValueError, match="width=48"):
+        CLIP(**{**TINY_VIT, "transformer_width": 48, "transformer_heads": 0})
 
 
 def test_encode_text_requires_context_length_tokens() -> None:

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from lgd.evaluate import topk_accuracy
 from lgd.knn import knn_scores, main, merge_nearest, nearest, vote
@@ -67,3 +72,28 @@ def test_knn_cli_lgd_student_beats_random_init(toy_run, tmp_path):
     baseline = main(["--checkpoint", str(tmp_path / "random.pth"), "--arch", "resnet18", "--image-size", "32", *common,
                      "--output", str(tmp_path / "random")])
     assert lgd["top1"] >= baseline["top1"] + 20, (lgd["top1"], baseline["top1"])
+
+
+def test_ranks_with_empty_shards_take_part(tmp_path):
+    """3 gloo processes over a 2-image bank and a 3-image query set: a rank with no bank image (and one
+    with no query) still joins every collective, and the result equals one process's."""
+    torch.manual_seed(0)
+    random_init, _ = build_backbone("resnet18")
+    torch.save(random_init.state_dict(), tmp_path / "random.pth")
+    g = torch.Generator().manual_seed(0)
+    for split, names in (("train", ["a/0", "b/0"]), ("val", ["a/1", "b/1", "b/2"])):
+        for name in names:
+            (tmp_path / "data" / split / name).parent.mkdir(parents=True, exist_ok=True)
+            pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "data" / split / f"{name}.png")
+    args = ["--checkpoint", str(tmp_path / "random.pth"), "--arch", "resnet18", "--image-size", "32", "--data",
+            str(tmp_path / "data"), "--workers", "0", "--device", "cpu"]
+    single = main([*args, "--output", str(tmp_path / "single")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m", "lgd.knn",
+           *args, "--output", str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ddp = json.loads((tmp_path / "ddp" / "knn_metrics.json").read_text())
+    assert (ddp["top1"], ddp["top5"]) == (single["top1"], single["top5"]) and ddp["num_val_images"] == 3

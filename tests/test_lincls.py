@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from lgd.checkpoint import atomic_torch_save, safe_load
 from lgd.convert import convert_to_torchvision
@@ -175,6 +176,24 @@ def test_torchvision_state_dict_with_wrong_keys_names_them(tmp_path, capsys):
     assert "layer4.1.bn2.running_var" in err and "extra.weight" in err
     err = _error(capsys, [*argv, "--arch", "mobilenet_v2"])  # another arch's weights
     assert "does not load into torchvision mobilenet_v2" in err
+
+
+def test_unreadable_training_images_are_counted(tmp_path, capsys):
+    save_lgd_checkpoint(tmp_path / "lgd.pth", "resnet18")
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for name in ("a", "b"):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "0.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        result = main(["--checkpoint", str(tmp_path / "lgd.pth"), "--data", str(tmp_path / "data"), "--epochs", "1",
+                       "--batch-size", "4", "--warmup-epochs", "0", "--workers", "0", "--output", str(tmp_path / "out")])
+    assert result["complete"] and result["num_train_images"] == 12
+    assert "epoch 1: 1 unreadable training image(s) were replaced" in capsys.readouterr().out
 
 
 def script_sandbox(tmp_path: Path, checkpoint: str | None = None) -> Path:

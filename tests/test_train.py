@@ -19,6 +19,7 @@ from lgd.data import eval_transform, image_folder
 from lgd.evaluate import embed_dataset, topk_accuracy, zero_shot_logits
 from lgd.models import build_student
 from lgd.train import TrainConfig, check_config, lr_at, main
+from lgd.zscls import load_student
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,6 +135,14 @@ def test_two_process_gloo_run(toy_world, mini_world, tmp_path):
     train_records = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["type"] == "train"]
     assert [r["step"] for r in train_records] == list(range(1, 7))  # 192 images / 32 per step, logged once
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint_last.pth", "config.yaml", "log.jsonl", "tb", "train_metrics.json"]
+    # Each rank scored its share of val/ and the hits were summed: the result is the saved checkpoint's
+    # zero-shot accuracy over the whole of val/, computed here in one process.
+    ckpt = load_checkpoint(out / "checkpoint_last.pth")
+    val = image_folder(mini_world / "val")
+    val.transform = eval_transform(32)
+    feats, labels = embed_dataset(load_student(ckpt, "ddp"), DataLoader(val, batch_size=64), torch.device("cpu"))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["student_top1"] == pytest.approx(topk_accuracy(zero_shot_logits(feats, ckpt["tsb"]), labels)[1])
 
 
 def test_lr_schedule():

@@ -95,6 +95,8 @@ def test_caltech256_set_equals_names_read_from_its_folder(tmp_path: Path) -> Non
         ("Maine_Coon", "Maine Coon"),
         ("  a__b - c  ", "a b c"),
         ("x-101-y", "x 101 y"),
+        ("room-101", "room 101"),  # the -101 suffix is Caltech's only after a Caltech index prefix
+        ("3.5mm-jack", "3.5mm jack"),  # not an index prefix
     ],
 )
 def test_clean_classname(folder: str, expected: str) -> None:
@@ -111,6 +113,8 @@ def test_read_classnames_file(tmp_path: Path) -> None:
     path.write_text("# my classes\n\n  zebra  \nred panda\n\n# done\naardvark\n", encoding="utf-8")
     assert read_classnames_file(path) == ["zebra", "red panda", "aardvark"]
     assert get_classnames_and_templates(str(path))[0] == ["zebra", "red panda", "aardvark"]
+    path.write_text("cat\ndog\n", encoding="utf-8-sig")  # as Windows editors save UTF-8
+    assert read_classnames_file(path) == ["cat", "dog"]
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """LVIS v1: the 1203 category names in category-id order (1..1203), with underscores as spaces.
 Parenthesised qualifiers are kept because they tell homonyms apart ("bat (animal)"); one category is
-named "monitor (computer equipment) computer monitor" in the annotations themselves.
+named "monitor (computer equipment) computer monitor" in the annotations themselves. One departure: the
+annotations' "speaker_(stero_equipment)" is spelled "speaker (stereo equipment)" here, since the typo would
+reach the text encoder (map names back by index, not by string).
 """
 
 CLASSNAMES = [

@@ -10,15 +10,18 @@ import re
 from collections import Counter
 from pathlib import Path
 
-_INDEX_PREFIX = re.compile(r"^\d+\.")  # "001.ak47": Caltech-style numbering
+_INDEX_PREFIX = re.compile(r"^\d+\.(?=\D)")  # "001.ak47": Caltech-style numbering (not "3.5mm-jack")
 _CALTECH101_SUFFIX = re.compile(r"-101$")  # "015.bonsai-101": Caltech-256 folders shared with Caltech-101
 _WORDNET_ID = re.compile(r"^n\d{8}$")  # "n01440764": ImageNet folders
 
 
 def clean_classname(folder_name: str) -> str:
-    """Readable class name of a dataset folder: drop a ``NNN.`` index prefix and a ``-101`` suffix,
-    turn underscores and hyphens into spaces, collapse whitespace (``002.american-flag`` -> ``american flag``)."""
-    name = _CALTECH101_SUFFIX.sub("", _INDEX_PREFIX.sub("", folder_name.strip()))
+    """Readable class name of a dataset folder: drop an ``NNN.`` index prefix (and then a Caltech ``-101``
+    suffix), turn underscores and hyphens into spaces, collapse whitespace (``002.american-flag`` ->
+    ``american flag``; ``room-101`` keeps its number)."""
+    name, caltech = _INDEX_PREFIX.subn("", folder_name.strip())
+    if caltech:
+        name = _CALTECH101_SUFFIX.sub("", name)
     name = " ".join(name.replace("_", " ").replace("-", " ").split())
     if not name:
         raise ValueError(f"folder name {folder_name!r} has no class name left after cleaning; rename the folder")
@@ -27,7 +30,7 @@ def clean_classname(folder_name: str) -> str:
 
 def _read_lines(path: str | os.PathLike[str], what: str) -> list[tuple[int, str]]:
     """(line number, stripped text) of the non-blank, non-``#`` lines of a UTF-8 file; error if there are none."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first name
         lines = [(number, line.strip()) for number, line in enumerate(f, start=1)]
     entries = [(number, text) for number, text in lines if text and not text.startswith("#")]
     if not entries:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -272,8 +272,8 @@ def make_evaluate(cfg: DetectConfig, val_set: CocoInstances) -> Any:
         coco_mask = _pycocotools_mask()
         if coco_mask is None:
             return {}  # the run's notes say why
-        shard = Subset(val_set, list(range(du.rank(), len(val_set), du.world_size())))
-        loader = DataLoader(shard, batch_size=cfg.val_batch_size, num_workers=loader_workers(cfg.workers), collate_fn=collate)
+        loader = DataLoader(du.shard(val_set), batch_size=cfg.val_batch_size, num_workers=loader_workers(cfg.workers),
+                            collate_fn=collate)
         results: dict[str, list[dict[str, Any]]] = {"bbox": [], **({"segm": []} if cfg.model == "mask_rcnn" else {})}
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32,
                                              enabled=autocast is not None):

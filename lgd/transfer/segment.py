@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.models._utils import IntermediateLayerGetter
@@ -279,8 +279,7 @@ def make_evaluate(cfg: SegmentConfig, val_set: SegmentationFolder, names: list[s
 
     def evaluate(model: nn.Module, device: torch.device, autocast: torch.dtype | None) -> dict[str, Any]:
         """Each rank scores its share of the val images; the confusion matrices are summed over ranks."""
-        shard = Subset(val_set, list(range(du.rank(), len(val_set), du.world_size())))
-        loader = DataLoader(shard, batch_size=1, num_workers=loader_workers(cfg.workers))
+        loader = DataLoader(du.shard(val_set), batch_size=1, num_workers=loader_workers(cfg.workers))
         conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
         with torch.no_grad():
             for image, mask in tqdm(loader, desc="evaluate", disable=not du.is_main(), dynamic_ncols=True):
