@@ -17,8 +17,8 @@ setup(
     package_data={"clip": ["bpe_simple_vocab_16e6.txt.gz", "LICENSE-CLIP", "weights/*.sh"]},
     # Upper bounds are the newest releases we test against; raise them after a green CI run.
     install_requires=[
-        "torch>=2.1,<=2.14.1",
-        "torchvision>=0.16,<=0.29.1",
+        "torch>=2.3,<=2.14.1",  # torch.amp.GradScaler(device) is 2.3+
+        "torchvision>=0.18,<=0.29.1",
         "ftfy",
         "regex",
         "tqdm",
