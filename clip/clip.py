@@ -2,8 +2,9 @@
 
 ``load`` accepts a model name (downloaded once into a cache directory, SHA-256 verified) or the path of
 an OpenAI TorchScript archive or of a ``torch.save``'d state_dict, and returns our eager :class:`CLIP`
-with the matching image preprocessing. User files are never unpickled beyond tensors
-(``weights_only=True``); TorchScript archives go through ``torch.jit.load``.
+with the matching image preprocessing. State_dict files are never unpickled beyond tensors
+(``weights_only=True``). TorchScript archives go through ``torch.jit.load``, which runs the archive's own
+TorchScript code, as OpenAI's loader does: load archives only from sources you trust.
 """
 from __future__ import annotations
 
@@ -52,6 +53,21 @@ _MODELS: dict[str, str] = {
     "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/"
                       "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
+
+# Hugging Face copies of the same weights (open_clip's state_dicts, whose keys are OpenAI's), tried when OpenAI's
+# host cannot be reached: its CDN answers 404 since late 2025 (openai/CLIP issue 516). Set HF_ENDPOINT for a mirror.
+_HF_REPOS: dict[str, str] = {
+    "RN50": "timm/resnet50_clip.openai",
+    "RN101": "timm/resnet101_clip.openai",
+    "RN50x4": "timm/resnet50x4_clip.openai",
+    "RN50x16": "timm/resnet50x16_clip.openai",
+    "RN50x64": "timm/resnet50x64_clip.openai",
+    "ViT-B/32": "timm/vit_base_patch32_clip_224.openai",
+    "ViT-B/16": "timm/vit_base_patch16_clip_224.openai",
+    "ViT-L/14": "timm/vit_large_patch14_clip_224.openai",
+    "ViT-L/14@336px": "timm/vit_large_patch14_clip_336.openai",
+}
+_HF_FILE = "open_clip_pytorch_model.bin"
 
 # Per-channel RGB statistics of CLIP's training images, which the image encoders expect.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -102,8 +118,13 @@ def _sha256_of_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, root: str | os.PathLike[str], sha256: str | None = None) -> str:
-    """Return the path of ``root/<basename of url>``, downloading it unless a verified copy is there.
+class DownloadUnavailable(CLIPLoadError):
+    """The server could not be reached or did not serve the file (as opposed to a bad file or a full disk)."""
+
+
+def download(url: str, root: str | os.PathLike[str], sha256: str | None = None, filename: str | None = None) -> str:
+    """Return the path of ``root/<filename>`` (default: the basename of ``url``), downloading it unless a
+    verified copy is there.
 
     ``sha256`` defaults to the second-to-last URL segment (OpenAI's URL scheme). The file is streamed to
     a ``.part`` file in ``root`` and renamed only once its checksum matches, so an interrupted or
@@ -114,10 +135,15 @@ def download(url: str, root: str | os.PathLike[str], sha256: str | None = None) 
     if not _SHA256.fullmatch(expected):
         raise CLIPLoadError(f"no SHA-256 to verify {url} against: pass sha256= (64 hex digits), got {expected!r}")
     root = os.path.expanduser(os.fspath(root))
-    filename = os.path.basename(url.rstrip("/"))
+    filename = filename or os.path.basename(url.rstrip("/"))
     target = os.path.join(root, filename)
     if os.path.isfile(target):
-        if _sha256_of_file(target) == expected:
+        try:
+            intact = _sha256_of_file(target) == expected
+        except OSError as err:
+            raise CLIPLoadError(f"cannot read the cached {target} ({_first_line(err)}); fix its permissions or "
+                                "delete it") from None
+        if intact:
             return target
         warnings.warn(f"{target} exists but its SHA-256 is not {expected}; downloading it again", stacklevel=2)
     elif os.path.exists(target):
@@ -164,17 +190,82 @@ def _stream_to(url: str, out: BinaryIO, target: str, expected: str) -> str:
                     progress.update(len(chunk))
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as err:
         reason = getattr(err, "reason", None) or err
-        raise CLIPLoadError(f"could not download {url} ({reason}). Without network access, fetch that URL on "
-                            f"another machine and place the file at {target} (its SHA-256 must be {expected}), "
-                            "or pass the file's path to clip.load()") from None
+        raise DownloadUnavailable(f"could not download {url} ({reason}). Without network access, fetch that URL "
+                                  f"on another machine and place the file at {target} (its SHA-256 must be "
+                                  f"{expected}), or pass the file's path to clip.load()") from None
     return digest.hexdigest()
 
 
+class _KeepRedirects(urllib.request.HTTPRedirectHandler):
+    """Report a redirect instead of following it: Hugging Face puts a file's checksum on the redirect."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def hf_sha256(url: str) -> str:
+    """The SHA-256 that the Hugging Face Hub publishes for a large file (its ``X-Linked-Etag`` header).
+
+    It is the hash of the stored file, so a truncated or corrupted download is caught; it comes from the same
+    server as the file, so unlike OpenAI's URL-embedded checksums it does not vouch for the server itself.
+    """
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.build_opener(_KeepRedirects).open(request, timeout=60) as response:
+            headers = response.headers
+    except urllib.error.HTTPError as err:
+        if err.code not in (301, 302, 303, 307, 308):
+            raise DownloadUnavailable(f"{url} answered HTTP {err.code} ({err.reason})") from None
+        headers = err.headers
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as err:
+        raise DownloadUnavailable(f"could not reach {url} ({getattr(err, 'reason', None) or err})") from None
+    etag = (headers.get("X-Linked-Etag") or "").strip().removeprefix("W/").strip('"').lower()
+    if not _SHA256.fullmatch(etag):
+        raise DownloadUnavailable(f"{url} publishes no SHA-256 (X-Linked-Etag header), so a download could not be "
+                                  "verified")
+    return etag
+
+
 def download_model(name: str, download_root: str | os.PathLike[str] | None = None) -> str:
-    """Download (or find, verified, in the cache) the official checkpoint ``name``; return its path."""
+    """Download (or find, verified, in the cache) the official checkpoint ``name``; return its path.
+
+    OpenAI's file (checksum in its URL) comes first; when its host cannot serve it, the same weights from the
+    Hugging Face Hub (``$HF_ENDPOINT``, default https://huggingface.co), checked against the hash the Hub
+    publishes, which is kept next to the file so that later loads verify it offline.
+    """
     if name not in _MODELS:
         raise CLIPLoadError(f"unknown CLIP model {name!r}; available models: {', '.join(_MODELS)}")
-    return download(_MODELS[name], download_root or default_download_root())
+    root = os.path.expanduser(os.fspath(download_root or default_download_root()))
+    openai_path = os.path.join(root, os.path.basename(_MODELS[name]))
+    mirror_path = os.path.splitext(openai_path)[0] + ".openai-hf.bin"
+    if not os.path.exists(openai_path) and _matches_recorded_sha256(mirror_path):
+        return mirror_path
+    try:
+        return download(_MODELS[name], root)
+    except DownloadUnavailable as openai_error:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        url = f"{endpoint}/{_HF_REPOS[name]}/resolve/main/{_HF_FILE}"
+        warnings.warn(f"{openai_error}; trying the Hugging Face copy {url}", stacklevel=2)
+        try:
+            sha = hf_sha256(url)
+            path = download(url, root, sha256=sha, filename=os.path.basename(mirror_path))
+        except DownloadUnavailable as mirror_error:
+            raise CLIPLoadError(f"{name}: neither OpenAI's file nor its Hugging Face copy could be downloaded. "
+                                f"OpenAI: {openai_error} Hugging Face: {mirror_error}. Place OpenAI's file at "
+                                f"{openai_path}, or pass the path of either file to clip.load()") from None
+        with open(path + ".sha256", "w", encoding="ascii") as record:
+            record.write(sha + "\n")
+        return path
+
+
+def _matches_recorded_sha256(path: str) -> bool:
+    """Whether ``path`` exists with the SHA-256 recorded in ``path.sha256`` when it was downloaded."""
+    try:
+        with open(path + ".sha256", encoding="ascii") as record:
+            expected = record.read().strip()
+        return _SHA256.fullmatch(expected) is not None and _sha256_of_file(path) == expected
+    except OSError:
+        return False
 
 
 def _is_torchscript_archive(path: str) -> bool:
@@ -186,6 +277,8 @@ def _is_torchscript_archive(path: str) -> bool:
                        for entry in archive.namelist())
     except zipfile.BadZipFile:  # not a zip (e.g. a legacy pickle): torch.load decides
         return False
+    except OSError as err:
+        raise CLIPLoadError(f"cannot read {path} ({_first_line(err)})") from None
 
 
 def _load_checkpoint(path: str) -> Mapping[str, Any]:
@@ -205,6 +298,8 @@ def _load_checkpoint(path: str) -> Mapping[str, Any]:
     for candidate in (obj, obj.get("state_dict"), obj.get("model")):
         if isinstance(candidate, Mapping) and "text_projection" in candidate:
             return candidate
+        if isinstance(candidate, Mapping) and "module.text_projection" in candidate:  # saved from a DDP wrapper
+            return {k.removeprefix("module."): v for k, v in candidate.items()}
     return obj  # build_model names the keys it lacks
 
 
@@ -297,7 +392,7 @@ def load(name: str | os.PathLike[str], device: str | torch.device = "cpu", jit: 
             except CLIPLoadError as err:
                 raise CLIPLoadError(f"{path}: {err}") from None
             try:
-                return retarget_archive(archive, device), build_preprocess(n_px)
+                return retarget_archive(archive, device).eval(), build_preprocess(n_px)
             except RuntimeError as err:  # a graph this rewrite does not understand
                 raise CLIPLoadError(f"{path}: cannot move the TorchScript archive to {device} ({_first_line(err)}); "
                                     "load it with jit=False") from None

@@ -3,6 +3,9 @@
 Parameter and buffer names and shapes are exactly those of the official checkpoints, so an OpenAI
 state_dict loads with ``strict=True``; :func:`build_model` reads every hyper-parameter back from the
 key names and tensor shapes, as the official checkpoints carry no config.
+
+Inside, the transformers are batch-first, (N, L, width), as in current open_clip; OpenAI's modules take
+(L, N, width). Code that calls ``visual.transformer`` or ``transformer`` directly must not permute its input.
 """
 from __future__ import annotations
 

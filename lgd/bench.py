@@ -50,7 +50,7 @@ from . import distributed as du
 from .banks import VisualSemanticsBank
 from .cache import CachedViewDataset, open_teacher_cache, teacher_embeddings
 from .data import EpochSampler, SeededImageFolder, image_folder
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_json
 from .errors import LGDError, cli_entry
 from .losses import lgd_loss
 from .models import available_students, build_student
@@ -710,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | str:
         text = {"step": format_step, "loader": format_loader, "hot": format_hot}[args.mode](report)
         print(text)
         out = Path(args.json or f"runs/bench/{args.mode}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
-        atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+        atomic_write_json(out, report)
         print(f"results: {out}")
     du.cleanup()
     return report

@@ -32,7 +32,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
@@ -42,8 +41,8 @@ import clip
 
 from . import distributed as du
 from .config import opt, parse_config
-from .data import VIEW_INTERPOLATION, image_folder, loader_workers, rgb_loader, sample_seed
-from .checkpoint import atomic_file, atomic_write_text
+from .data import UNREADABLE, VIEW_INTERPOLATION, image_folder, loader_workers, rgb_loader, sample_seed
+from .checkpoint import atomic_file, atomic_write_json
 from .errors import LGDError, cli_entry
 from .toyworld import ensure_toy_world
 from .views import PARAMS_DTYPE, MocoV2View, ViewParams, check_teacher_resolution
@@ -269,7 +268,7 @@ class CachedViewDataset(Dataset):
         path, label = self.folder.samples[source]
         try:
             image = rgb_loader(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
+        except UNREADABLE as err:
             raise LGDError(f"{path} was readable when the teacher cache was built but is not now ({err})") from None
         view = self.view.render(image, ViewParams.from_record(record))
         embedding = torch.from_numpy(np.array(record["embedding"]))
@@ -294,7 +293,7 @@ class _ImageViews(Dataset):
             try:
                 image = rgb_loader(self.folder.samples[source][0])
                 break
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
+            except UNREADABLE as err:
                 warnings.warn(f"skipping unreadable image {self.folder.samples[source][0]}: {err}", stacklevel=2)
                 source = (source + 1) % len(self)
                 if source == index:
@@ -382,7 +381,7 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
         for stale in out.glob(".chunk_*.tmp"):  # left by an interrupted build; never read
             stale.unlink()
         if existing is None:
-            atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            atomic_write_json(out / MANIFEST, manifest)
     du.barrier()
 
     cache = TeacherCache(out)

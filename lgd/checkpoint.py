@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -50,6 +51,21 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); folders cannot be opened for syncing everywhere (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -68,6 +84,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """UTF-8 text through :func:`atomic_file` (configs, manifests, metrics JSON)."""
     with atomic_file(path) as f:
         f.write(text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
+    """Indented JSON through :func:`atomic_file` (metrics, manifests, bench reports)."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def safe_load(path: str | os.PathLike) -> Any:

@@ -33,6 +33,9 @@ def _field_type(cls: type, field: dataclasses.Field) -> type:
 
 
 def _coerce(value: Any, kind: type, key: str) -> Any:
+    if isinstance(value, bool) and kind is not bool:  # bool is an int subclass: `epochs: true` is a mistake
+        hint = " (YAML reads unquoted off/on/no/yes as booleans: quote it, e.g. 'off')" if kind is str else ""
+        raise LGDError(f"config key {key!r} expects {kind.__name__}, got {value!r}{hint}")
     if value is None or isinstance(value, kind):
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -81,6 +84,10 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: s
             parser.add_argument(*names, dest=field.name, type=kind, default=default, choices=choices, help=help_text)
     args = vars(parser.parse_args(argv))
     args.pop("config")
+    for field in dataclasses.fields(cls):  # argparse checks choices of flags only, not of YAML-given defaults
+        choices = field.metadata.get("choices")
+        if choices is not None and args[field.name] not in choices:
+            raise LGDError(f"config key {field.name!r} must be one of {list(choices)}, got {args[field.name]!r}")
     return cls(**args)
 
 

@@ -409,6 +409,9 @@ def arch_from_mm_config(config: str | os.PathLike, layout: str | None = None) ->
         raise LGDError("reading an OpenMMLab config needs mmengine: pip install mmengine") from None
     if not Path(config).is_file():
         raise LGDError(f"config not found: {config}")
+    if Path(config).suffix != ".py":
+        raise LGDError(f"{config} is not an OpenMMLab config (a .py file, e.g. one in mmdetection/configs/); "
+                       "CONFIG of run.sh names the detection or segmentation config, not a pre-training YAML")
     sentinel = "/lgd-backbone-checkpoint-placeholder.pth"
     # mmengine logs to stdout; keep stdout for the answer (run.sh captures it)
     with _env(CKPT_ENV, sentinel), contextlib.redirect_stdout(sys.stderr):
@@ -432,6 +435,8 @@ def arch_from_mm_config(config: str | os.PathLike, layout: str | None = None) ->
         if backbone.get("deep_stem") or backbone.get("avg_down") or backbone.get("stem_channels", 64) != 64 \
                 or backbone.get("base_channels", 64) != 64:
             raise LGDError(f"{config}: only a torchvision-shaped ResNet (v1b, 64-channel stem) fits these weights")
+        if backbone.get("style", "pytorch") != "pytorch":  # caffe style strides the 1x1 conv: same shapes, other maths
+            raise LGDError(f"{config}: ResNet style={backbone.get('style')!r}; torchvision weights need style='pytorch'")
     elif isinstance(kind, str) and kind.startswith("ResNetV1"):
         raise LGDError(f"{config}: {kind} has a three-conv stem that torchvision weights do not fit; use type='ResNet'")
     elif kind == "MobileNetV2":

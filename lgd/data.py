@@ -6,6 +6,7 @@ gives the same views whatever the number of workers, and a resumed run continues
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,7 +18,7 @@ from torchvision import datasets, transforms
 
 from clip.clip import CLIP_MEAN, CLIP_STD
 
-from .errors import LGDError
+from .errors import LGDError, UnreadableImage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,6 +35,14 @@ def loader_workers(requested: int) -> int:
     return max(0, min(requested, available))
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` of runs that save on SIGTERM/SIGINT. torchrun and SLURM signal the whole
+    process group on pre-emption; a worker that died of it would make the main process raise before it can
+    save, so workers ignore both signals and the main process shuts them down after saving."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def normalization(name: str) -> transforms.Normalize:
     """LGD students are trained on CLIP-normalised inputs; evaluation must use the same constants."""
     if name not in NORMALIZATIONS:
@@ -42,8 +51,9 @@ def normalization(name: str) -> transforms.Normalize:
     return transforms.Normalize(mean, std)
 
 
-# Training crops resize bilinearly, torchvision's default that MoCo v2, SEED and the LGD authors' code use;
-# evaluation resizes bicubically, as CLIP's own preprocessing does for the teacher's zero-shot numbers.
+# Training crops resize bilinearly, torchvision's default that MoCo v2, SEED and the LGD authors' code use (and
+# so does the MoCo linear-probe protocol, for its crops and its val resize); zero-shot and kNN evaluation resize
+# bicubically, as CLIP's own preprocessing does for the teacher's zero-shot numbers.
 VIEW_INTERPOLATION = transforms.InterpolationMode.BILINEAR
 
 
@@ -63,11 +73,12 @@ def moco_v2_transform(size: int, norm: str = "clip", min_scale: float = 0.2) -> 
     )
 
 
-def eval_transform(size: int, norm: str = "clip") -> transforms.Compose:
+def eval_transform(size: int, norm: str = "clip",
+                   interpolation: transforms.InterpolationMode = transforms.InterpolationMode.BICUBIC) -> transforms.Compose:
     """Resize to size*256/224 then center-crop (the standard 256/224 protocol at any resolution)."""
     return transforms.Compose(
         [
-            transforms.Resize(int(round(size * 256 / 224)), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.Resize(int(round(size * 256 / 224)), interpolation=interpolation),
             transforms.CenterCrop(size),
             transforms.ToTensor(),
             normalization(norm),
@@ -80,18 +91,32 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (2**63)
 
 
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for a file it cannot decode
+
+
 def rgb_loader(path: str) -> Image.Image:
     with open(path, "rb") as f:
         return Image.open(f).convert("RGB")
 
 
+def strict_rgb_loader(path: str) -> Image.Image:
+    """The loader of evaluation splits: they are scored image by image, so an unreadable file is an error that
+    names it (training instead skips and counts them)."""
+    try:
+        return rgb_loader(path)
+    except UNREADABLE as err:
+        raise UnreadableImage(f"unreadable image {path} ({err}); evaluation scores every image of its split: "
+                              "repair or remove the file") from None
+
+
 def image_folder(root: str | os.PathLike) -> datasets.ImageFolder:
-    """torchvision's ImageFolder (no transform) with one clear error for a missing or empty folder."""
+    """torchvision's ImageFolder (no transform, :func:`strict_rgb_loader`) with one clear error for a missing
+    or empty folder."""
     root = Path(root)
     if not root.is_dir():
         raise LGDError(f"image folder not found: {root}")
     try:
-        return datasets.ImageFolder(str(root), loader=rgb_loader)
+        return datasets.ImageFolder(str(root), loader=strict_rgb_loader)
     except (FileNotFoundError, RuntimeError) as err:
         raise LGDError(f"{root} is not an ImageFolder (class sub-folders holding images): {err}") from None
 
@@ -100,11 +125,13 @@ class SeededImageFolder(Dataset):
     """An ImageFolder indexed by ``(index, epoch)`` whose transform is seeded from that key.
 
     An unreadable image is replaced by the next readable one so batch shapes stay equal on every rank;
-    each item reports how many files it had to skip, and the training loop counts them.
+    each item reports how many files it had to skip, and the training loop counts them. With
+    ``skip_unreadable=False`` (evaluation splits) it is an error instead.
     """
 
-    def __init__(self, folder: datasets.ImageFolder, transform: Callable, seed: int) -> None:
+    def __init__(self, folder: datasets.ImageFolder, transform: Callable, seed: int, skip_unreadable: bool = True) -> None:
         self.folder, self.transform, self.seed = folder, transform, seed
+        self.skip_unreadable = skip_unreadable
         self.classes = folder.classes
 
     def __len__(self) -> int:
@@ -115,10 +142,13 @@ class SeededImageFolder(Dataset):
         skipped = 0
         while True:
             path, label = self.folder.samples[index]
+            if not self.skip_unreadable:
+                image = strict_rgb_loader(path)
+                break
             try:
                 image = rgb_loader(path)
                 break
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
+            except UNREADABLE as err:
                 warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
                 skipped += 1
                 if skipped >= len(self):

@@ -4,11 +4,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
+
+from .errors import LGDError
 
 
 def is_dist() -> bool:
@@ -33,7 +36,11 @@ def is_main() -> bool:
 
 def init_distributed(device: str = "auto") -> torch.device:
     """Join the torchrun job if launched by torchrun (NCCL on GPU, gloo on CPU); return this rank's device."""
+    if device != "auto" and device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise LGDError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise LGDError(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu or auto")
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not is_dist():
         if use_cuda:
             torch.cuda.set_device(local_rank())
@@ -41,7 +48,9 @@ def init_distributed(device: str = "auto") -> torch.device:
         # collective: allow that longer than NCCL's 10-minute default.
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
     if use_cuda:
-        return torch.device("cuda", local_rank() if is_dist() else torch.cuda.current_device())
+        if is_dist():
+            return torch.device("cuda", local_rank())
+        return torch.device(device) if ":" in device else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

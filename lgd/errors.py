@@ -12,6 +12,19 @@ class LGDError(Exception):
     """A problem with the user's input or environment (not a bug): printed as ``error: <message>``."""
 
 
+class UnreadableImage(LGDError, OSError):
+    """An image of an evaluation split that cannot be decoded (an ``OSError`` too, for code that skips them)."""
+
+
+def _message(err: BaseException) -> str:
+    """The user-facing message; an error re-raised from a DataLoader worker carries the worker's whole
+    traceback, whose last line is the original message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def cli_entry(main: F) -> F:
     """Wrap a ``main()`` so that user errors end the process with their message and exit status 2."""
 
@@ -25,7 +38,7 @@ def cli_entry(main: F) -> F:
             user_errors = (LGDError, getattr(clip_module, "CLIPLoadError", LGDError))
             if not isinstance(err, user_errors):
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {_message(err)}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import distributed as du
+from .checkpoint import atomic_write_json
 from .config import opt, parse_config
 from .data import NORMALIZATIONS, eval_transform, image_folder, loader_workers
 from .errors import LGDError, cli_entry
@@ -28,12 +29,14 @@ from .evaluate import embed_dataset, topk_accuracy
 
 @torch.no_grad()
 def nearest(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int,
-            chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+            chunk_size: int = 1024, max_chunk_elements: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarities and labels [M, k] of each query's k nearest bank rows, best first.
 
     A bank with fewer than k rows is padded with similarity -inf (a neighbour that never votes), so that
-    the neighbours of bank shards always have the same shape and can be merged.
+    the neighbours of bank shards always have the same shape and can be merged. Query chunks shrink so that
+    one chunk's similarity matrix stays under ``max_chunk_elements`` floats (1 GiB; an ImageNet bank has 1.28M rows).
     """
+    chunk_size = max(1, min(chunk_size, max_chunk_elements // max(1, len(bank))))
     bank = F.normalize(bank.float(), dim=1)
     take = min(k, len(bank))
     sims = torch.full((len(queries), k), float("-inf"), device=bank.device)
@@ -55,9 +58,11 @@ def merge_nearest(sims: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[tor
 
 
 def vote(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
-    """Class scores [M, C]: the sum of ``exp(sim / T)`` over each query's neighbours of that class."""
+    """Class scores [M, C]: the sum of ``exp(sim / T)`` over each query's neighbours of that class, each row
+    scaled by ``exp(-best sim / T)`` (the ranking is unchanged, and no weight overflows at small T)."""
     scores = torch.zeros(len(sims), num_classes, device=sims.device)
-    return scores.scatter_add_(1, labels, (sims / temperature).exp())
+    best = sims[:, :1].clamp(min=-1.0)  # best first; -inf (no neighbour) stays a zero weight
+    return scores.scatter_add_(1, labels, ((sims - best) / temperature).exp())
 
 
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
@@ -125,7 +130,7 @@ class KnnConfig:
 def knn(cfg: KnnConfig) -> dict[str, Any]:
     """Run the kNN monitor once (one process or torchrun); writes ``knn_metrics.json``."""
     # lgd.lincls imports lgd.train, which imports this module for its knn_interval monitor.
-    from .lincls import FrozenBackbone, balanced_subset, load_backbone, resolve_data, restrict, write_json
+    from .lincls import FrozenBackbone, balanced_subset, load_backbone, resolve_data, restrict
     from .train import amp_dtype
 
     start_time = time.time()
@@ -159,7 +164,7 @@ def knn(cfg: KnnConfig) -> dict[str, Any]:
               "image_size": image_size, "seconds": round(time.time() - start_time, 1)}
     if du.is_main():
         out = Path(cfg.output)
-        write_json(out / "knn_metrics.json", result)
+        atomic_write_json(out / "knn_metrics.json", result)
         print(f"\nkNN top-1: {result['top1']:.2f}%  top-5: {result['top5']:.2f}%\nmetrics: {out / 'knn_metrics.json'}")
     du.cleanup()
     return result

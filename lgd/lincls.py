@@ -30,11 +30,12 @@ from torchvision import datasets, transforms
 from tqdm import tqdm
 
 from . import distributed as du
-from .checkpoint import atomic_torch_save, atomic_write_text, backbone_state_dict, is_lgd_checkpoint, resume_path, safe_load
+from .cache import dataset_fingerprint
+from .checkpoint import atomic_torch_save, atomic_write_json, backbone_state_dict, is_lgd_checkpoint, resume_path, safe_load
 from .config import opt, parse_config, save_config
 from .convert import split_classifier, verify_torchvision_load
-from .data import (NORMALIZATIONS, VIEW_INTERPOLATION, EpochSampler, SeededImageFolder, eval_transform, image_folder,
-                   loader_workers, normalization, sample_seed)
+from .data import (NORMALIZATIONS, VIEW_INTERPOLATION, EpochSampler, SeededImageFolder, eval_transform, ignore_stop_signals,
+                   image_folder, loader_workers, normalization, sample_seed)
 from .errors import LGDError, cli_entry
 from .evaluate import accuracy_from_hits, topk_hits
 from .models import build_backbone
@@ -85,11 +86,6 @@ def milestones(cfg: LinclsConfig) -> list[int]:
         return sorted(int(s) for s in cfg.lr_steps.split(",") if s.strip())
     except ValueError:
         raise LGDError(f"lr_steps must be comma-separated epochs like '60,80', got {cfg.lr_steps!r}") from None
-
-
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Write a metrics file atomically (temp file in the same folder, then rename)."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def check_config(cfg: LinclsConfig) -> None:
@@ -236,11 +232,6 @@ class CachedFeatures(Dataset):
 def _file_identity(path: Path) -> dict[str, Any]:
     stat = path.stat()
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _samples_digest(folder: datasets.ImageFolder) -> str:
-    """Which images (and labels) a split holds: a folder edited in place must not reuse old features."""
-    return hashlib.sha256(json.dumps(folder.samples).encode()).hexdigest()
 
 
 def feature_cache_path(out: Path, split: str, identity: dict[str, Any]) -> Path:
@@ -465,21 +456,20 @@ def build_data(cfg: LinclsConfig, root: Path, train_folder: datasets.ImageFolder
     """Image loaders (standard mode) or loaders over features extracted once (``--cached-features``)."""
     local_batch = cfg.batch_size // du.world_size()
     val_shard = du.shard_indices(len(val_folder))
-    val_transform = eval_transform(cfg.image_size, cfg.norm)
+    val_transform = eval_transform(cfg.image_size, cfg.norm, VIEW_INTERPOLATION)  # MoCo's protocol: bilinear
     augment = train_transform(cfg.image_size, cfg.norm)
     views = cfg.cached_views if cfg.augment else 0
     if cfg.cached_features:
         common = {"checkpoint": _file_identity(Path(cfg.checkpoint)), "image_size": cfg.image_size, "norm": cfg.norm,
-                  "autocast": str(autocast)}
+                  "autocast": str(autocast), "interpolation": VIEW_INTERPOLATION.value}
         train_images = SeededImageFolder(train_folder, augment if views else val_transform, cfg.seed)
         identity = {**common, "split": str((root / "train").resolve()), "views": views, "seed": cfg.seed,
-                    "images": _samples_digest(train_folder),
-                    **({"crop_interpolation": VIEW_INTERPOLATION.value} if views else {})}
+                    "images": dataset_fingerprint(train_folder)}
         train_feats = extract_features(backbone, loaded.feature_dim, train_images, views,
                                        feature_cache_path(out, "train", identity), local_batch, cfg.workers, device,
                                        autocast, "train features")
-        identity = {**common, "split": str((root / "val").resolve()), "views": 0, "images": _samples_digest(val_folder)}
-        val_images = SeededImageFolder(val_folder, val_transform, cfg.seed)
+        identity = {**common, "split": str((root / "val").resolve()), "views": 0, "images": dataset_fingerprint(val_folder)}
+        val_images = SeededImageFolder(val_folder, val_transform, cfg.seed, skip_unreadable=False)
         val_feats = extract_features(backbone, loaded.feature_dim, val_images, 0, feature_cache_path(out, "val", identity),
                                      local_batch, cfg.workers, device, autocast, "val features")
         train_set: Dataset = CachedFeatures(*train_feats, cfg.seed)
@@ -495,10 +485,11 @@ def build_data(cfg: LinclsConfig, root: Path, train_folder: datasets.ImageFolder
     train_set = SeededImageFolder(train_folder, augment if cfg.augment else val_transform, cfg.seed)
     sampler = EpochSampler(train_set, du.world_size(), du.rank(), seed=cfg.seed)
     train_loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=loader_workers(cfg.workers),
-                              pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+                              pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                              worker_init_fn=ignore_stop_signals)
     val_folder.transform = val_transform
     val_loader = DataLoader(du.shard(val_folder), batch_size=local_batch, num_workers=loader_workers(cfg.workers),
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     mode = "standard" if cfg.augment else "standard (no augmentation)"
     return ProbeData(train_set, train_loader, sampler, val_loader, images=True, mode=mode)
 
@@ -584,7 +575,7 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
               "num_classes": len(classes), "num_train_images": len(train_folder), "num_val_images": len(val_folder),
               "mode": data.mode, "seconds": round(time.time() - start_time, 1)}
     if du.is_main():
-        write_json(out / "lincls_metrics.json", result)
+        atomic_write_json(out / "lincls_metrics.json", result)
         print("\n== linear probe summary ==")
         if "top1" in state.metrics:
             print(f"top-1: {state.metrics['top1']:.2f}%  top-5: {state.metrics['top5']:.2f}%")

@@ -6,7 +6,6 @@ contrastively on it with prompt captions, saved as an OpenAI-format state_dict a
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -26,7 +25,7 @@ from tqdm import tqdm
 import clip
 from clip.model import CLIP
 
-from .checkpoint import atomic_torch_save, atomic_write_text
+from .checkpoint import atomic_torch_save, atomic_write_json
 from .data import CLIP_MEAN, CLIP_STD, eval_transform, image_folder
 
 VERSION = 1
@@ -273,7 +272,7 @@ def ensure_toy_world(home: Path | None = None, seed: int = 0, verbose: bool = Tr
     world.templates.write_text("\n".join(TEMPLATES) + "\n")
     top1 = train_teacher(world.root, seed)
     manifest = {"version": VERSION, "seed": seed, "classes": len(class_names()), "teacher_top1": top1}
-    atomic_write_text(world.manifest, json.dumps(manifest, indent=2))
+    atomic_write_json(world.manifest, manifest)
     if verbose:
         print(f"Toy world ready in {time.time() - start:.0f}s: tiny CLIP teacher zero-shot top-1 {top1:.1f}%", flush=True)
     return world

@@ -27,12 +27,13 @@ import clip
 
 from . import distributed as du
 from .banks import VisualSemanticsBank, class_text, load_or_build_tsb
-from .checkpoint import FORMAT, VERSION, atomic_torch_save, load_checkpoint, resume_path
+from .checkpoint import FORMAT, VERSION, atomic_torch_save, atomic_write_json, load_checkpoint, resume_path
 from .config import opt, parse_config, save_config
 from .cache import CachedViewDataset, open_teacher_cache, teacher_embeddings
-from .data import EpochSampler, SeededImageFolder, eval_transform, image_folder, loader_workers
+from .data import EpochSampler, SeededImageFolder, eval_transform, ignore_stop_signals, image_folder, loader_workers
 from .errors import LGDError, cli_entry
-from .evaluate import accuracy_from_hits, embed_dataset, topk_hits, zero_shot_logits
+from .evaluate import (accuracy_from_hits, align_classes, class_mismatch_warning, embed_dataset, topk_hits,
+                       zero_shot_logits)
 from .knn import knn_monitor
 from .losses import lgd_loss
 from .models import LGDStudent, available_students, build_student
@@ -127,10 +128,22 @@ def check_config(cfg: TrainConfig) -> None:
             raise LGDError(f"{key} must be positive, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise LGDError(f"alpha must be in [0, 1], got {cfg.alpha}")
+    for key in ("student_temp", "teacher_temp", "log_interval"):
+        if getattr(cfg, key) <= 0:
+            raise LGDError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in ("warmup_epochs", "weight_decay", "workers", "base_lr"):
+        if getattr(cfg, key) < 0:
+            raise LGDError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key, low, high in (("vsb_momentum", 0.0, 1.0), ("momentum", 0.0, 1.0)):
+        if not low <= getattr(cfg, key) < high:
+            raise LGDError(f"{key} must be in [{low:g}, {high:g}), got {getattr(cfg, key)}")
+    if not 0.0 < cfg.min_crop_scale <= 1.0:
+        raise LGDError(f"min_crop_scale must be in (0, 1], got {cfg.min_crop_scale}")
+    if not 0.0 <= cfg.max_bad_images <= 1.0:
+        raise LGDError(f"max_bad_images is a fraction in [0, 1], got {cfg.max_bad_images}")
     for key in ("val_interval", "knn_interval", "save_interval"):
         if getattr(cfg, key) < 0:
             raise LGDError(f"{key} must be >= 0 (0: off, or only at the end for val_interval), got {getattr(cfg, key)}")
-
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -139,7 +152,9 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
         return None
     if cfg.amp in ("auto", "bf16"):
         return torch.bfloat16
-    return torch.float16
+    if cfg.amp == "fp16":
+        return torch.float16
+    raise LGDError(f"amp must be one of auto, bf16, fp16, off; got {cfg.amp!r}")
 
 
 def teacher_dtype(autocast: torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -318,8 +333,16 @@ def resume_state(state: State, cfg: TrainConfig, out: Path, tsb: torch.Tensor) -
                        "order or templates?); resume with the checkpoint's teacher and --text, or start a new --output")
     state.student.load_state_dict(ckpt["model"])
     state.vsb.load_state_dict(ckpt["vsb"])
+    if ckpt["config"].get("optimizer") != cfg.optimizer:
+        raise LGDError(f"cannot resume: {path} was trained with {ckpt['config'].get('optimizer')}, this run asks for "
+                       f"{cfg.optimizer}; their states do not convert (start a new --output to switch)")
     state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scaler.load_state_dict(ckpt["scaler"])
+    for group in state.optimizer.param_groups:  # the config, not the checkpoint, says what the run uses from now
+        group["weight_decay"] = cfg.weight_decay
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+    if state.scaler.is_enabled() and ckpt["scaler"]:  # fp16 loss scale; a run switching to fp16 starts a fresh one
+        state.scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     state.epoch, state.batch_in_epoch, state.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
     state.metrics = dict(ckpt.get("metrics", {}))
@@ -436,7 +459,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.output)
     if du.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     autocast = amp_dtype(cfg, device)
 
@@ -465,10 +487,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         student = student.to(memory_format=torch.channels_last)
     vsb = VisualSemanticsBank(len(classnames), embed_dim, cfg.vsb_momentum).to(device)
     du.broadcast(vsb.bank)  # identical random init on every rank
+    optimizer: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(student.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
+    elif cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+    else:
+        raise LGDError(f"optimizer must be sgd or adamw, got {cfg.optimizer!r}")
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     state = State(student, vsb, optimizer, scaler)
     model: nn.Module = student
@@ -494,9 +519,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     per_epoch = sampler.num_samples // local_batch
     if per_epoch == 0:
         raise LGDError(f"{setup.data / 'train'} has {len(train_set)} images, fewer than one batch of {cfg.batch_size}")
-    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=loader_workers(cfg.workers),
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.workers > 0,
-                        prefetch_factor=4 if cfg.workers > 0 else None)
+    workers = loader_workers(cfg.workers)
+    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals)
     val_loader = None
     if (setup.data / "val").is_dir():
         val_set = image_folder(setup.data / "val")
@@ -505,28 +531,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if du.is_main():
                 print(f"note: no zero-shot evaluation during training: the text set has {len(classnames)} classes, "
                       f"{setup.data / 'val'} has {len(val_set.classes)} (use python -m lgd.zscls with a matching set)")
-        elif val_set.classes != train_folder.classes:  # the text set's order is that of train/'s folders
-            if du.is_main():
-                print(f"note: no zero-shot evaluation during training: {setup.data / 'val'} and "
-                      f"{setup.data / 'train'} have different class folders, so val labels cannot be matched to the "
-                      "text set's classes (use python -m lgd.zscls)")
         else:
-            val_loader = DataLoader(du.shard(val_set), batch_size=min(local_batch, 256),
-                                    num_workers=loader_workers(cfg.workers), pin_memory=device.type == "cuda")
+            order, class_match = align_classes(val_set.classes, classnames)
+            val_tsb = tsb[order]  # row i: the text class of val label i
+            if du.is_main() and class_match == "name":
+                print(f"note: the class folders of {setup.data / 'val'} hold the text set's names in another order; "
+                      "zero-shot matches them by name")
+            elif du.is_main() and class_match.startswith("position,"):
+                print(class_mismatch_warning(val_set.classes, classnames, class_match, str(setup.data / "val")))
+            val_loader = DataLoader(du.shard(val_set), batch_size=min(local_batch, 256), num_workers=workers,
+                                    pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     knn_loaders: list[DataLoader] = []
     if cfg.knn_interval and (setup.data / "val").is_dir():
         bank_set, query_set = image_folder(setup.data / "train"), image_folder(setup.data / "val")
         knn_classes = len(bank_set.classes)
         if bank_set.classes == query_set.classes:
             bank_set.transform = query_set.transform = eval_transform(cfg.image_size)
-            knn_loaders = [DataLoader(du.shard(s), batch_size=min(local_batch, 256), num_workers=loader_workers(cfg.workers),
-                                      pin_memory=device.type == "cuda") for s in (bank_set, query_set)]
+            knn_loaders = [DataLoader(du.shard(s), batch_size=min(local_batch, 256), num_workers=workers,
+                                      pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+                           for s in (bank_set, query_set)]
         elif du.is_main():
             print(f"note: no kNN monitor: {setup.data / 'val'} lacks the class folders of {setup.data / 'train'}")
     schedule = {"per_epoch": per_epoch, "total": per_epoch * cfg.epochs, "warmup": per_epoch * cfg.warmup_epochs}
 
     resume_state(state, cfg, out, tsb)
-    if du.is_main():
+    if du.is_main():  # only now: a refused start must not overwrite the config of the run it refused to resume
+        save_config(cfg, out / "config.yaml")
         print(f"LGD: teacher {setup.teacher} (D={embed_dim}) -> student {cfg.arch}; {len(train_set)} images, "
               f"{len(classnames)} classes in the banks; {per_epoch} steps/epoch x {cfg.epochs} epochs, "
               f"batch {cfg.batch_size} on {du.world_size()} process(es), {device}, amp={autocast}")
@@ -536,13 +566,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     teacher_metrics: dict[str, float] | None = None
     first_epoch = state.epoch
     last = out / "checkpoint_last.pth"
+
+    def save(path: Path) -> None:
+        save_state(state, path, cfg, setup, tsb, classnames, templates)
+
     try:
         while state.epoch < cfg.epochs:
             sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * local_batch)
             stopped, bad = train_one_epoch(cfg, state, model, teacher, tsb, loader, device, autocast, schedule, stop, log)
             if stopped:
-                stop.save_and_exit(lambda: save_state(state, last, cfg, setup, tsb, classnames, templates),
-                                   state.epoch, state.step, last)
+                stop.save_and_exit(lambda: save(last), state.epoch, state.step, last)
             bad = int(du.all_reduce_sum(torch.tensor(bad, device=device)).item())
             # Every rank updates the VSB from the same gathered batch, but CUDA's index_add_ sums in no fixed
             # order: re-align the ranks on rank 0's bank (the one saved) once per epoch, before ULPs add up.
@@ -556,27 +589,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                f"of {seen}); check {setup.data / 'train'}")
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             done = state.epoch == cfg.epochs
-            if val_loader is not None and (done or (cfg.val_interval and state.epoch % cfg.val_interval == 0)):
+            if du.is_main():  # the epoch's training is safe before an evaluation can fail
+                save(last)
+            evaluate_zero_shot = val_loader is not None and (
+                done or (cfg.val_interval > 0 and state.epoch % cfg.val_interval == 0))
+            evaluate_knn = bool(knn_loaders) and (done or state.epoch % cfg.knn_interval == 0)
+            if evaluate_zero_shot:
                 if teacher_metrics is None:
                     evaluated = teacher if teacher is not None else FrozenTeacher(visual, teacher_precision).to(device)
-                    teacher_metrics = zero_shot(evaluated, val_loader, tsb, device, None, "zero-shot (teacher)")
-                student_metrics = zero_shot(student.eval(), val_loader, tsb, device, autocast, "zero-shot (student)")
+                    teacher_metrics = zero_shot(evaluated, val_loader, val_tsb, device, None, "zero-shot (teacher)")
+                student_metrics = zero_shot(student.eval(), val_loader, val_tsb, device, autocast, "zero-shot (student)")
                 state.metrics = {"teacher_top1": teacher_metrics["top1"], "teacher_top5": teacher_metrics["top5"],
                                  "student_top1": student_metrics["top1"], "student_top5": student_metrics["top5"]}
                 log.write({"type": "val", "epoch": state.epoch, "step": state.step, **state.metrics}, state.step)
                 if du.is_main():
                     print(f"epoch {state.epoch}: zero-shot top-1 student {state.metrics['student_top1']:.2f}% "
                           f"(teacher {state.metrics['teacher_top1']:.2f}%)")
-            if knn_loaders and (done or state.epoch % cfg.knn_interval == 0):
+            if evaluate_knn:
                 knn = knn_monitor(student.eval().features, *knn_loaders, device, knn_classes, autocast=autocast)
                 state.metrics.update(knn)
                 log.write({"type": "knn", "epoch": state.epoch, "step": state.step, **knn}, state.step)
                 if du.is_main():
                     print(f"epoch {state.epoch}: kNN top-1 {knn['knn_top1']:.2f}% (k=20, T=0.07)")
             if du.is_main():
-                save_state(state, last, cfg, setup, tsb, classnames, templates)
+                if evaluate_zero_shot or evaluate_knn:  # again, now with the epoch's metrics
+                    save(last)
                 if cfg.save_interval and state.epoch % cfg.save_interval == 0:
-                    save_state(state, out / f"checkpoint_ep{state.epoch:04d}.pth", cfg, setup, tsb, classnames, templates)
+                    save(out / f"checkpoint_ep{state.epoch:04d}.pth")
             if stop_after_reached(cfg.stop_after, state.epoch - first_epoch, done):
                 break
     finally:
@@ -586,7 +625,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     result = {**state.metrics, "epochs": state.epoch, "seconds": round(time.time() - start_time, 1),
               "checkpoint": str(last.resolve())}
     if du.is_main():
-        (out / "train_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(out / "train_metrics.json", result)
         print("\n== LGD run summary ==")
         if "teacher_top1" in state.metrics:
             print(f"teacher zero-shot top-1: {state.metrics['teacher_top1']:.2f}%")

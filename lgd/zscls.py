@@ -21,12 +21,12 @@ from clip.zeroshot import TEMPLATE_SETS, read_templates_file
 
 from . import distributed as du
 from .banks import class_text, load_or_build_tsb
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write_json, load_checkpoint
 from .config import opt, parse_config
 from .data import NORMALIZATIONS, eval_transform, image_folder, loader_workers
 from .errors import LGDError, cli_entry
-from .evaluate import embed_dataset, topk_accuracy, zero_shot_logits
-from .lincls import TOY_HINT, resolve_data, write_json
+from .evaluate import align_classes, class_mismatch_warning, embed_dataset, topk_accuracy, zero_shot_logits
+from .lincls import TOY_HINT, resolve_data
 from .models import build_student
 from .toyworld import default_home, ensure_toy_world
 from .train import FrozenTeacher, amp_dtype, teacher_dtype
@@ -196,6 +196,12 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
     if tsb.shape[1] != ckpt["embed_dim"]:
         raise LGDError(f"the TSB of teacher {teacher_name} has dimension {tsb.shape[1]}, the student embeds into "
                        f"{ckpt['embed_dim']}; use the teacher the student was distilled from")
+    order, class_match = align_classes(dataset.classes, names)
+    if class_match == "name":
+        print(f"note: the class folders of {folder_path} hold the class names in another order; matched by name")
+        tsb, teacher_tsb, names = tsb[order], teacher_tsb[order], [names[i] for i in order]
+    elif class_match.startswith("position,"):
+        print(class_mismatch_warning(dataset.classes, names, class_match, str(folder_path)))
 
     autocast = amp_dtype(cfg, device)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=loader_workers(cfg.workers), pin_memory=device.type == "cuda")
@@ -228,14 +234,16 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
         "num_classes": len(names), "num_images": len(dataset), "text": cfg.text or "checkpoint",
         "templates": cfg.templates or "checkpoint", "checkpoint": str(Path(cfg.checkpoint).resolve()),
         "teacher": teacher_name, "dataset": str(folder_path.resolve()), "image_size": image_size,
-        "per_class": {name: {"images": int(counts[c]), "student": student_per_class[c].item(),
-                             "teacher": None if teacher_per_class is None else teacher_per_class[c].item()}
-                      for c, name in enumerate(names)},
+        "class_match": class_match,
+        "per_class": [{"label": c, "folder": dataset.classes[c], "name": name, "images": int(counts[c]),
+                       "student": student_per_class[c].item(),
+                       "teacher": None if teacher_per_class is None else teacher_per_class[c].item()}
+                      for c, name in enumerate(names)],
         "confused": [{"true": names[t], "predicted": names[p], "images": n} for t, p, n in confused],
         "seconds": round(time.time() - start_time, 1),
     }
     out = Path(cfg.output)
-    write_json(out / "zscls_metrics.json", result)
+    atomic_write_json(out / "zscls_metrics.json", result)
     print("\n== zero-shot summary ==")
     print(f"student top-1: {acc[1]:.2f}%  top-5: {acc[5]:.2f}%")
     if teacher_acc[1] is not None:

@@ -12,6 +12,21 @@ require_toy_run() {
   fi
 }
 
+# from_caller VAR...: the launchers cd to the repository root, so a relative path in VAR is made absolute from
+# the directory the command was typed in ($CALLER_DIR) when it exists there (OUTPUT: always); otherwise it stays
+# relative to the repository (CONFIG=configs/... works from anywhere). 'toy' is a keyword, not a path.
+from_caller() {
+  local var value
+  for var in "$@"; do
+    value="${!var:-}"
+    [[ -z "$value" || "$value" == /* || "$value" == toy ]] && continue
+    if [[ -e "$CALLER_DIR/$value" || "$var" == OUTPUT ]]; then
+      printf -v "$var" '%s' "$CALLER_DIR/$value"
+    fi
+  done
+  return 0
+}
+
 # launch MODULE DEFAULT_PORT ARGS...: plain python for one process, torchrun otherwise.
 # Reads NPROC (default: the GPUs present, or 1), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
 launch() {

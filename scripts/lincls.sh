@@ -6,8 +6,10 @@
 # default: GPUs or 1), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29501).
 # Extra arguments go to lgd.lincls (e.g. --cached-features, --resume auto).
 set -euo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 source scripts/common.sh
+from_caller CHECKPOINT DATA CONFIG OUTPUT
 
 if [[ $# -eq 0 && -z "${CHECKPOINT:-}${DATA:-}${CONFIG:-}" ]]; then
   CONFIG=configs/lincls_toyworld.yaml

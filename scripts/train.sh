@@ -5,8 +5,10 @@
 # Environment: NPROC (processes per node, default: GPUs or 1), NNODES (1), NODE_RANK (0),
 # MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), CONFIG, DATA, OUTPUT. Extra args go to lgd.train.
 set -euo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 source scripts/common.sh
+from_caller DATA CONFIG OUTPUT
 
 if [[ -z "${DATA:-}" && -z "${CONFIG:-}" ]]; then
   CONFIG=configs/toyworld.yaml

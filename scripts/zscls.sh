@@ -6,8 +6,10 @@
 # Environment: CHECKPOINT, DATA (a root holding val/; add --split '' to evaluate the folder itself), OUTPUT.
 # Extra arguments go to lgd.zscls (e.g. --text, --templates, --no-teacher).
 set -euo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 source scripts/common.sh
+from_caller CHECKPOINT DATA CONFIG OUTPUT
 
 ARGS=()
 if [[ $# -eq 0 && -z "${CHECKPOINT:-}${DATA:-}" ]]; then

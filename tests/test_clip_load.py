@@ -17,7 +17,7 @@ import threading
 import warnings
 import zipfile
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +101,13 @@ def test_preprocess_gives_normalised_rgb_crops() -> None:
 
 # --- loading files ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model", "module."])
 def test_load_state_dict_file(tmp_path: Path, vit_state_dict: dict[str, torch.Tensor], wrap: str | None) -> None:
     path = tmp_path / "tiny.pt"
-    torch.save(vit_state_dict if wrap is None else {wrap: vit_state_dict, "epoch": 3}, path)
+    if wrap == "module.":  # saved from a DistributedDataParallel wrapper
+        torch.save({"state_dict": {f"module.{k}": v for k, v in vit_state_dict.items()}}, path)
+    else:
+        torch.save(vit_state_dict if wrap is None else {wrap: vit_state_dict, "epoch": 3}, path)
     model, preprocess = load(path, device=torch.device("cpu"))
     assert isinstance(model, CLIP) and not model.training and model.dtype == torch.float32
     assert_same_outputs(model, build_model(vit_state_dict), TINY_VIT)
@@ -319,6 +322,102 @@ def test_load_by_name_downloads_once(http_root: tuple[Path, str], tmp_path: Path
         served.unlink()  # a second load must use the verified cache, not the network
     model, _ = load("Tiny/ViT")
     assert isinstance(model, CLIP)
+
+
+class _Hub(BaseHTTPRequestHandler):
+    """OpenAI's host answering 404 and the Hugging Face Hub as ``download_model`` sees it: a resolve URL
+    redirects to storage and carries the file's SHA-256 in ``X-Linked-Etag``."""
+
+    payload = b""
+    etag: str | None = None
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access logs in the test output."""
+
+    def _answer(self, body: bool) -> None:
+        if self.path == "/timm/tiny_clip.openai/resolve/main/open_clip_pytorch_model.bin":
+            self.send_response(302)
+            self.send_header("Location", "/storage/blob")
+            if self.etag is not None:
+                self.send_header("X-Linked-Etag", f'"{self.etag}"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/storage/blob":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.payload)))
+            self.end_headers()
+            if body:
+                self.wfile.write(self.payload)
+        else:
+            self.send_error(404)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        vit_state_dict: dict[str, torch.Tensor]) -> Iterator[type[_Hub]]:
+    """A local server for the name 'Tiny/ViT': OpenAI's URL is gone, the Hub serves the tiny state_dict."""
+    checkpoint = tmp_path / "hub.bin"
+    torch.save(vit_state_dict, checkpoint)
+    handler = type("Hub", (_Hub,), {"payload": checkpoint.read_bytes()})
+    handler.etag = hashlib.sha256(handler.payload).hexdigest()
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setitem(clip_api._MODELS, "Tiny/ViT", f"{base}/clip/models/{'1' * 64}/Tiny-ViT.pt")
+    monkeypatch.setitem(clip_api._HF_REPOS, "Tiny/ViT", "timm/tiny_clip.openai")
+    monkeypatch.setenv("HF_ENDPOINT", base)
+    yield handler
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_hugging_face_copy_when_openai_is_gone(hub: type[_Hub], tmp_path: Path,
+                                               vit_state_dict: dict[str, torch.Tensor]) -> None:
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning, match="Not Found.*trying the Hugging Face copy"):
+        model, _ = load("Tiny/ViT", download_root=cache)
+    assert_same_outputs(model, build_model(vit_state_dict), TINY_VIT)
+    assert sorted(p.name for p in cache.iterdir()) == ["Tiny-ViT.openai-hf.bin", "Tiny-ViT.openai-hf.bin.sha256"]
+    hub.payload, hub.etag = b"", None  # offline from now on: the recorded hash verifies the cached copy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, _ = load("Tiny/ViT", download_root=cache)
+    assert_same_outputs(model, build_model(vit_state_dict), TINY_VIT)
+    (cache / "Tiny-ViT.openai-hf.bin").write_bytes(b"damaged")  # no longer matches its record: fetched again
+    with pytest.warns(UserWarning, match="trying the Hugging Face copy"), \
+            pytest.raises(CLIPLoadError, match="publishes no SHA-256"):
+        load("Tiny/ViT", download_root=cache)
+
+
+def test_hugging_face_copy_must_match_the_published_hash(hub: type[_Hub], tmp_path: Path) -> None:
+    hub.etag = hashlib.sha256(b"other weights").hexdigest()
+    with pytest.warns(UserWarning, match="trying the Hugging Face copy"), \
+            pytest.raises(CLIPLoadError, match=f"expected {hub.etag}.*discarded"):
+        load("Tiny/ViT", download_root=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_neither_source_names_both_errors_and_where_to_put_the_file(hub: type[_Hub], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(clip_api._HF_REPOS, "Tiny/ViT", "timm/absent")
+    with pytest.warns(UserWarning), pytest.raises(CLIPLoadError) as err:
+        load("Tiny/ViT", download_root=tmp_path / "cache")
+    message = str(err.value)
+    assert "neither OpenAI's file nor its Hugging Face copy" in message and "HTTP 404" in message
+    assert str(tmp_path / "cache" / "Tiny-ViT.pt") in message
+
+
+def test_every_official_model_has_a_hugging_face_copy() -> None:
+    assert set(clip_api._HF_REPOS) == set(OFFICIAL_NAMES)
 
 
 # --- download script ------------------------------------------------------------------------------

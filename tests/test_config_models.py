@@ -16,7 +16,8 @@ from lgd.config import load_yaml, parse_config, save_config
 from lgd.data import loader_workers
 from lgd.errors import LGDError
 from lgd.models import STUDENTS, build_student, classifier_name
-from lgd.train import TrainConfig
+from lgd.distributed import init_distributed
+from lgd.train import TrainConfig, check_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("lgd_*.yaml")) + [
     Path(__file__).resolve().parents[1] / "configs" / "toyworld.yaml"
@@ -61,6 +62,42 @@ def test_config_errors(tmp_path):
         load_yaml(tmp_path / "float.yaml", TrainConfig)
     with pytest.raises(LGDError, match="not found"):
         load_yaml(tmp_path / "missing.yaml", TrainConfig)
+    (tmp_path / "bool.yaml").write_text("epochs: true\n")  # bool is an int in Python, not in a config
+    with pytest.raises(LGDError, match="expects int, got True"):
+        load_yaml(tmp_path / "bool.yaml", TrainConfig)
+    (tmp_path / "off.yaml").write_text("amp: off\n")  # YAML 1.1: unquoted off is False
+    with pytest.raises(LGDError, match="quote it"):
+        load_yaml(tmp_path / "off.yaml", TrainConfig)
+
+
+@pytest.mark.parametrize("text, key", [("amp: fp32\n", "amp"), ("optimizer: SGD\n", "optimizer"),
+                                       ("arch: alexnet\n", "arch")])
+def test_yaml_values_are_held_to_the_choices_of_their_flags(tmp_path, text, key):
+    """argparse checks choices of flags only; a YAML value must not slip into a fallback branch."""
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(LGDError, match=f"config key '{key}' must be one of"):
+        parse_config(TrainConfig, ["--config", str(tmp_path / "c.yaml")])
+    assert parse_config(TrainConfig, ["--config", str(tmp_path / "c.yaml"), f"--{key}", TrainConfig.__dataclass_fields__[key].default])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"teacher_temp": 0.0}, "teacher_temp must be positive"),
+    ({"vsb_momentum": 1.0}, r"vsb_momentum must be in \[0, 1\)"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be >= 0"),
+    ({"min_crop_scale": 0.0}, r"min_crop_scale must be in \(0, 1\]"),
+    ({"max_bad_images": 2.0}, "max_bad_images is a fraction"),
+])
+def test_train_values_out_of_range_are_refused_up_front(change, message):
+    with pytest.raises(LGDError, match=message):
+        check_config(TrainConfig(**change))
+
+
+def test_device_names_are_checked():
+    with pytest.raises(LGDError, match="device must be 'auto', 'cpu' or 'cuda', got 'gpu'"):
+        init_distributed("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(LGDError, match="sees no CUDA GPU"):
+            init_distributed("cuda")
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"])

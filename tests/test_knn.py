@@ -17,14 +17,16 @@ from lgd.knn import knn_scores, main, merge_nearest, nearest, vote
 from lgd.models import build_backbone
 
 
-def _reference_scores(train, labels, test, num_classes, k, temperature):
-    """Per query, in float64: cosine to every training sample, the k best vote exp(cos / T) for their class."""
+def _reference_scores(train, labels, test, num_classes, k, temperature, shift=True):
+    """Per query, in float64: cosine to every training sample, the k best vote exp(cos / T) for their class;
+    with ``shift``, each query's scores are divided by exp(best cos / T), as lgd.knn reports them."""
     train, test = F.normalize(train.double(), dim=1), F.normalize(test.double(), dim=1)
     scores = torch.zeros(len(test), num_classes, dtype=torch.float64)
     for q in range(len(test)):
-        sims = [(float(test[q] @ train[i]), int(labels[i])) for i in range(len(train))]
-        for sim, label in sorted(sims, reverse=True)[:k]:
-            scores[q, label] += torch.exp(torch.tensor(sim / temperature, dtype=torch.float64))
+        sims = sorted([(float(test[q] @ train[i]), int(labels[i])) for i in range(len(train))], reverse=True)[:k]
+        best = sims[0][0] if shift else 0.0
+        for sim, label in sims:
+            scores[q, label] += torch.exp(torch.tensor((sim - best) / temperature, dtype=torch.float64))
     return scores
 
 
@@ -36,6 +38,17 @@ def test_knn_scores_match_reference(k):
     got = knn_scores(train, labels, test, 4, k=k, temperature=0.5, chunk_size=4)  # chunks must not matter
     want = _reference_scores(train, labels, test, 4, k, 0.5)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_small_temperature_does_not_overflow():
+    """exp(cos / 0.005) is inf in float32; the votes still rank the classes as float64 does unshifted."""
+    g = torch.Generator().manual_seed(1)
+    train, test = torch.randn(60, 8, generator=g), torch.randn(9, 8, generator=g)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    got = knn_scores(train, labels, test, 4, k=20, temperature=0.005)
+    want = _reference_scores(train, labels, test, 4, 20, 0.005, shift=False)
+    assert torch.isfinite(got).all() and torch.equal(got.argmax(1), want.argmax(1))
+    assert torch.isinf((F.normalize(test, dim=1) @ F.normalize(train, dim=1).T / 0.005).exp()).any()
 
 
 def test_sharded_bank_merges_to_the_whole_bank():

@@ -178,22 +178,39 @@ def test_torchvision_state_dict_with_wrong_keys_names_them(tmp_path, capsys):
     assert "does not load into torchvision mobilenet_v2" in err
 
 
-def test_unreadable_training_images_are_counted(tmp_path, capsys):
-    save_lgd_checkpoint(tmp_path / "lgd.pth", "resnet18")
+def noise_dataset(root: Path) -> None:
+    """train/ (6 per class) and val/ (2 per class) of random 32 px images in classes a and b."""
     g = torch.Generator().manual_seed(0)
     for split, count in (("train", 6), ("val", 2)):
         for name in ("a", "b"):
-            folder = tmp_path / "data" / split / name
+            folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(count):
                 pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_unreadable_training_images_are_counted(tmp_path, capsys):
+    save_lgd_checkpoint(tmp_path / "lgd.pth", "resnet18")
+    noise_dataset(tmp_path / "data")
     (tmp_path / "data" / "train" / "a" / "0.png").write_bytes(b"not a png")
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         result = main(["--checkpoint", str(tmp_path / "lgd.pth"), "--data", str(tmp_path / "data"), "--epochs", "1",
                        "--batch-size", "4", "--warmup-epochs", "0", "--workers", "0", "--output", str(tmp_path / "out")])
     assert result["complete"] and result["num_train_images"] == 12
     assert "epoch 1: 1 unreadable training image(s) were replaced" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", [[], ["--cached-features"]])
+def test_unreadable_validation_image_is_an_error_that_names_it(tmp_path, capsys, mode):
+    """Both modes score every val image once: no stand-in image, no traceback."""
+    save_lgd_checkpoint(tmp_path / "lgd.pth", "resnet18")
+    noise_dataset(tmp_path / "data")
+    (tmp_path / "data" / "val" / "b" / "1.png").write_bytes(b"not a png")
+    err = _error(capsys, ["--checkpoint", str(tmp_path / "lgd.pth"), "--data", str(tmp_path / "data"), "--epochs", "1",
+                          "--batch-size", "4", "--warmup-epochs", "0", "--workers", "0",
+                          "--output", str(tmp_path / "out"), *mode])
+    assert "unreadable image" in err and str(Path("val", "b", "1.png")) in err and "Traceback" not in err
 
 
 def script_sandbox(tmp_path: Path, checkpoint: str | None = None) -> Path:

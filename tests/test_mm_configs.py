@@ -256,6 +256,17 @@ def test_arch_from_config_rejects_configs_that_would_ignore_our_weights(openmmla
     )
     with pytest.raises(LGDError, match="three-conv stem"):
         arch_from_mm_config(v1c)
+    caffe = tmp_path / "caffe.py"  # same tensor shapes, but the stride sits on another conv
+    caffe.write_text(
+        f"_base_ = ['{SEG / 'fcn_r18-d8_4xb2-80k_cityscapes-512x1024_lgd.py'}']\n"
+        "model = dict(backbone=dict(style='caffe'))\n"
+    )
+    with pytest.raises(LGDError, match="style='pytorch'"):
+        arch_from_mm_config(caffe)
+    pretraining = tmp_path / "lgd_r18.yaml"  # CONFIG as scripts/train.sh uses it
+    pretraining.write_text("arch: resnet18\n")
+    with pytest.raises(LGDError, match="not an OpenMMLab config"):
+        arch_from_mm_config(pretraining)
 
 
 def save_lgd(path: Path, arch: str) -> None:

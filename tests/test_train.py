@@ -88,10 +88,12 @@ def test_resume_after_an_epoch_is_bit_identical(toy_world, mini_world, tmp_path)
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_world, mini_world, tmp_path):
+    """Pre-emption as torchrun and SLURM deliver it: SIGTERM to the whole process group, loader workers included."""
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     main(mini_args(toy_world, mini_world, reference, "--epochs", "3"))
-    cmd = [sys.executable, "-m", "lgd.train", *mini_args(toy_world, mini_world, stopped, "--epochs", "3")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "lgd.train", *mini_args(toy_world, mini_world, stopped, "--epochs", "3", "--workers", "2")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     log = stopped / "log.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -99,7 +101,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_world, mini_world, tmp_
         if any(r["type"] == "train" and r["step"] >= 8 for r in steps):  # mid-way through epoch 2
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, output
     ckpt = load_checkpoint(stopped / "checkpoint_last.pth")
@@ -186,8 +188,12 @@ def test_resume_from_another_arch_is_refused(toy_world, mini_world, tmp_path, ca
     out = tmp_path / "run"
     main(mini_args(toy_world, mini_world, out, "--stop-after", "1", "--val-interval", "0"))  # 0: only at the end
     assert "zero-shot top-1" not in capsys.readouterr().out
+    saved_config = (out / "config.yaml").read_text()
     expect_user_error(capsys, [*mini_args(toy_world, mini_world, out, "--resume", "auto"), "--arch", "mobilenet_v2"],
                       "holds a resnet18 student")
+    expect_user_error(capsys, [*mini_args(toy_world, mini_world, out, "--resume", "auto"), "--optimizer", "sgd"],
+                      "was trained with adamw, this run asks for sgd")
+    assert (out / "config.yaml").read_text() == saved_config  # a refused start leaves the run's config alone
     reordered = tmp_path / "reordered.txt"  # same TSB shape, rows in another order: the VSB rows would lie
     reordered.write_text("\n".join(reversed(toy_world.classnames.read_text().split("\n")[:-1])) + "\n")
     expect_user_error(capsys, [*mini_args(toy_world, mini_world, out, "--resume", "auto"), "--text", str(reordered)],

@@ -89,6 +89,20 @@ def test_detector_loads_lgd_weights_and_freezes(ckpts: dict[str, Path]) -> None:
         features = model.backbone(torch.zeros(1, 3, 64, 64))
     assert [f.shape[-1] for f in features.values()] == [16, 8, 4, 2, 1]  # /4 ... /32 and the extra pooled level
 
+    # Boxes are decoded in fp32 under bf16 autocast (AMP's default on GPU): zero deltas give back the boxes.
+    boxes = torch.tensor([[1000.3, 700.7, 1100.9, 760.2]])
+    zero_head = nn.Linear(4, 4 * 5)
+    nn.init.zeros_(zero_head.weight)
+    nn.init.zeros_(zero_head.bias)
+    for coder in (model.rpn.box_coder, model.roi_heads.box_coder):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            codes = zero_head(torch.ones(1, 4))[:, :4]
+            decoded = coder.decode(codes, [boxes]).view(1, 4)
+            plain = torchvision.models.detection._utils.BoxCoder(coder.weights).decode(codes, [boxes]).view(1, 4)
+        assert codes.dtype == torch.bfloat16 and decoded.dtype == torch.float32
+        torch.testing.assert_close(decoded, boxes)
+        assert (plain.float() - boxes).abs().max() > 1  # what torchvision's own coder gives under bf16
+
 
 def test_backbone_source_errors(ckpts: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(LGDError, match="holds a resnet18 backbone"):

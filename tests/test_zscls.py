@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from lgd.checkpoint import atomic_torch_save, load_checkpoint
 from lgd.convert import convert_to_torchvision
 from lgd.data import eval_transform, image_folder
+from lgd.evaluate import align_classes
 from lgd.models import build_student
 from lgd.toyworld import tiny_clip
 from lgd.zscls import main
@@ -97,8 +98,10 @@ def test_equals_an_independent_computation(default_result, toy_checkpoint, toy_w
     assert default_result["student_top1"] == pytest.approx(100 * correct.float().mean().item(), abs=1e-4)
     assert default_result["student_top5"] == pytest.approx(100 * (top5 == labels[:, None]).any(1).float().mean().item(),
                                                            abs=1e-4)
+    assert default_result["class_match"] == "position"
     for c, name in enumerate(ckpt["classnames"]):
-        row = default_result["per_class"][name]
+        row = default_result["per_class"][c]
+        assert (row["label"], row["name"], row["folder"]) == (c, name, val.classes[c])
         assert row["images"] == int((labels == c).sum())
         assert row["student"] == pytest.approx(100 * correct[labels == c].float().mean().item(), abs=1e-4)
     # The confusion summary lists real errors, most frequent first.
@@ -117,6 +120,54 @@ def test_rebuilt_tsb_from_folder_names_gives_the_same_numbers(default_result, to
                    "--no-teacher", "--output", str(tmp_path), "--workers", "0"])
     assert result["student_top1"] == pytest.approx(default_result["student_top1"], abs=1e-9)
     assert result["teacher_top1"] is None and result["text"] == "folder"
+
+
+def test_align_classes_pairs_folders_with_names():
+    assert align_classes(["n01440764", "n01443537"], ["tench", "goldfish"]) == ([0, 1], "wordnet ids")
+    assert align_classes(["001.ak47", "015.bonsai-101"], ["ak47", "bonsai"]) == ([0, 1], "position")
+    # ImageFolder sorts capitalised folders first: Pets' cat breeds come before its dog breeds.
+    folders = ["Abyssinian", "Bengal", "american_bulldog"]
+    assert align_classes(folders, ["Abyssinian", "American Bulldog", "Bengal"]) == ([0, 2, 1], "name")
+    assert align_classes(["a_b", "c"], ["b a", "c"]) == ([0, 1], "position, 1 of 2 folder names differ")
+
+
+def _renamed_val(toy_world, dst: Path, rename) -> Path:
+    """toy val/ with its class folders linked under other names."""
+    dst.mkdir()
+    for folder in sorted((toy_world.data / "val").iterdir()):
+        (dst / rename(folder.name)).symlink_to(folder)
+    return dst
+
+
+def test_folders_in_another_order_are_matched_by_name(default_result, toy_checkpoint, toy_world, tmp_path):
+    # Capitalising every other folder changes ImageFolder's label order, not the names.
+    names = sorted(p.name for p in (toy_world.data / "val").iterdir())
+    moved = _renamed_val(toy_world, tmp_path / "val", lambda n: n.title() if names.index(n) % 2 else n)
+    assert image_folder(moved).classes != names
+    result = main(["--checkpoint", str(toy_checkpoint), "--data", str(moved), "--split", "", "--no-teacher",
+                   "--output", str(tmp_path / "out"), "--workers", "0"])
+    assert result["class_match"] == "name"
+    assert result["student_top1"] == pytest.approx(default_result["student_top1"], abs=1e-9)
+
+
+def test_folders_that_are_other_names_are_warned_about(toy_checkpoint, toy_world, tmp_path, capsys):
+    swapped = _renamed_val(toy_world, tmp_path / "val", lambda n: "_".join(reversed(n.split("_"))))
+    result = main(["--checkpoint", str(toy_checkpoint), "--data", str(swapped), "--split", "", "--no-teacher",
+                   "--output", str(tmp_path / "out"), "--workers", "0"])
+    assert result["class_match"] == "position, 24 of 24 folder names differ"
+    out = capsys.readouterr().out
+    assert "warning: the class folders of" in out and "paired with names by position" in out
+
+
+def test_unreadable_image_is_an_error_that_names_it(toy_checkpoint, toy_world, tmp_path, capsys):
+    """Also from a DataLoader worker, whose re-raised error carries the worker's traceback."""
+    val = _renamed_val(toy_world, tmp_path / "val", lambda n: n)
+    broken = tmp_path / "val_with_broken" / "red_circle"
+    shutil.copytree(val, tmp_path / "val_with_broken", symlinks=False)
+    (broken / "broken.png").write_bytes(b"not a png")
+    err = _error(capsys, ["--checkpoint", str(toy_checkpoint), "--data", str(tmp_path / "val_with_broken"),
+                          "--split", "", "--no-teacher", "--output", str(tmp_path / "out"), "--workers", "1"])
+    assert f"unreadable image {broken / 'broken.png'}" in err and "Traceback" not in err
 
 
 def test_class_count_mismatch_shows_both_counts(toy_checkpoint, tmp_path, capsys):

@@ -6,7 +6,8 @@
 #   clip/weights/download_clip_models.sh RN50 ViT-B/16 ViT-L/14@336px
 #
 # The checksum logic is clip.clip.download_model, the same code clip.load() uses, so files that are
-# already present and intact are not fetched again, and corrupt ones are replaced. Afterwards use
+# already present and intact are not fetched again, corrupt ones are replaced, and when OpenAI's host cannot
+# serve a file its Hugging Face copy is fetched instead (verified against the Hub's SHA-256). Afterwards use
 #   clip.load("RN50")   or, with CLIP_DIR=<dir>,   clip.load("RN50", download_root=<dir>) / clip.load("<dir>/RN50.pt")
 set -euo pipefail
 

@@ -8,7 +8,6 @@ so both entry points behave the same way.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -26,10 +25,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from .. import distributed as du
-from ..checkpoint import atomic_torch_save, atomic_write_text, backbone_state_dict, resume_path, safe_load
+from ..checkpoint import atomic_torch_save, atomic_write_json, backbone_state_dict, resume_path, safe_load
 from ..config import opt, save_config
 from ..convert import split_classifier, verify_torchvision_load
-from ..data import NORMALIZATIONS, EpochSampler, loader_workers, normalization
+from ..data import NORMALIZATIONS, EpochSampler, ignore_stop_signals, loader_workers, normalization
 from ..errors import LGDError
 from ..models import build_backbone
 from ..toyworld import default_home
@@ -299,11 +298,6 @@ def build_optimizer(cfg: TransferConfig, model: nn.Module, backbone: nn.Module) 
     raise LGDError(f"optimizer must be sgd or adamw, got {cfg.optimizer!r}")
 
 
-def write_json(data: dict[str, Any], path: Path) -> None:
-    """Atomic JSON write: a reader never sees half a file."""
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 @dataclass
 class State:
     epoch: int = 0  # completed epochs
@@ -425,7 +419,7 @@ def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str])
         raise LGDError(f"the training set has {len(task.train_set)} images, fewer than one batch of {cfg.batch_size}")
     loader = DataLoader(task.train_set, batch_size=local_batch, sampler=sampler, num_workers=loader_workers(cfg.workers),
                         collate_fn=task.collate, pin_memory=device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg.workers > 0)
+                        persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals)
 
     state = State()
     resume_checkpoint(cfg, out, task, state, optimizer, scaler)
@@ -467,7 +461,7 @@ def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str])
               "world_size": du.world_size(), "seconds": round(time.time() - start_time, 1),
               "checkpoint": str(last.resolve()), "notes": notes}
     if du.is_main():
-        write_json(result, out / "metrics.json")
+        atomic_write_json(out / "metrics.json", result)
         for note in notes:
             print(f"note: {note}")
         print(f"metrics: {out / 'metrics.json'}")

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms import v2
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from .. import distributed as du
 from ..config import parse_config
-from ..data import loader_workers, rgb_loader, sample_seed
+from ..data import ignore_stop_signals, loader_workers, rgb_loader, sample_seed
 from ..errors import LGDError, cli_entry
 from .common import (NORMS, PYRAMID_STRIDES, SCHEDULES, Task, TransferConfig, apply_norm_and_freezing,
                      check_common, demo_root, find_stages, fit, image_stats, load_backbone, opt)
@@ -198,6 +199,14 @@ def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torc
     return list(images), list(targets)
 
 
+class FP32BoxCoder(BoxCoder):
+    """torchvision's box coder, decoding in fp32 whatever the head's autocast dtype: it casts the boxes to the
+    regression output's dtype, and bf16 (8-bit mantissa) would put a 1000-px coordinate on a 4-px grid."""
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return super().decode_single(rel_codes.float(), boxes.float())
+
+
 def build_detector(cfg: DetectConfig, num_classes: int) -> tuple[str, nn.Module, nn.Module, list[str]]:
     """``(arch, detector, backbone body, report lines)``: the LGD backbone under an FPN and the chosen heads."""
     arch, backbone, report = load_backbone(cfg.backbone, cfg.arch)
@@ -212,6 +221,8 @@ def build_detector(cfg: DetectConfig, num_classes: int) -> tuple[str, nn.Module,
     detector = builder(fpn, num_classes=num_classes + 1, min_size=cfg.min_size, max_size=cfg.max_size,
                        image_mean=mean, image_std=std, box_batch_size_per_image=cfg.roi_batch_size,
                        rpn_post_nms_top_n_test=cfg.proposals_test, box_detections_per_img=cfg.detections_per_image)
+    for head in (detector.rpn, detector.roi_heads):
+        head.box_coder = FP32BoxCoder(head.box_coder.weights, head.box_coder.bbox_xform_clip)
     return arch, detector, fpn.body, lines
 
 
@@ -241,14 +252,14 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids
     return bbox, segm
 
 
-def coco_ap(ann_file: Path, image_ids: list[int], results: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+def coco_ap(ann_file: Path, image_ids: list[int], results: dict[str, list[dict[str, Any]]]) -> dict[str, float | None]:
     """COCOeval's summary numbers (percent) per IoU type; prints COCOeval's usual table."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     with contextlib.redirect_stdout(io.StringIO()):  # its loading chatter, not the result table
         ground_truth = COCO(str(ann_file))
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | None] = {}
     for iou_type, records in results.items():
         if not records:  # COCO.loadRes cannot take an empty list; no detection scores 0
             metrics.update({f"{iou_type}_{name}": 0.0 for name in AP_NAMES})
@@ -262,7 +273,9 @@ def coco_ap(ann_file: Path, image_ids: list[int], results: dict[str, list[dict[s
             evaluator.evaluate()
             evaluator.accumulate()
         evaluator.summarize()
-        metrics.update({f"{iou_type}_{name}": round(100 * float(v), 3) for name, v in zip(AP_NAMES, evaluator.stats)})
+        # COCOeval's -1 means "no ground truth in this area range", not a score.
+        metrics.update({f"{iou_type}_{name}": round(100 * float(v), 3) if v >= 0 else None
+                        for name, v in zip(AP_NAMES, evaluator.stats)})
     return metrics
 
 
@@ -273,7 +286,7 @@ def make_evaluate(cfg: DetectConfig, val_set: CocoInstances) -> Any:
         if coco_mask is None:
             return {}  # the run's notes say why
         loader = DataLoader(du.shard(val_set), batch_size=cfg.val_batch_size, num_workers=loader_workers(cfg.workers),
-                            collate_fn=collate)
+                            collate_fn=collate, worker_init_fn=ignore_stop_signals)
         results: dict[str, list[dict[str, Any]]] = {"bbox": [], **({"segm": []} if cfg.model == "mask_rcnn" else {})}
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32,
                                              enabled=autocast is not None):

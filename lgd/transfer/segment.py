@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .. import distributed as du
 from ..config import parse_config
-from ..data import loader_workers, rgb_loader, sample_seed
+from ..data import ignore_stop_signals, loader_workers, rgb_loader, sample_seed
 from ..errors import LGDError, cli_entry
 from .common import (NORMS, SCHEDULES, Stages, Task, TransferConfig, apply_norm_and_freezing, check_common,
                      demo_root, find_stages, fit, image_stats, load_backbone, opt)
@@ -279,7 +279,8 @@ def make_evaluate(cfg: SegmentConfig, val_set: SegmentationFolder, names: list[s
 
     def evaluate(model: nn.Module, device: torch.device, autocast: torch.dtype | None) -> dict[str, Any]:
         """Each rank scores its share of the val images; the confusion matrices are summed over ranks."""
-        loader = DataLoader(du.shard(val_set), batch_size=1, num_workers=loader_workers(cfg.workers))
+        loader = DataLoader(du.shard(val_set), batch_size=1, num_workers=loader_workers(cfg.workers),
+                            worker_init_fn=ignore_stop_signals)
         conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
         with torch.no_grad():
             for image, mask in tqdm(loader, desc="evaluate", disable=not du.is_main(), dynamic_ncols=True):
