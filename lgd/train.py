@@ -432,7 +432,9 @@ def train_one_epoch(
         window_steps += 1
         bar.update()
         if window_steps == cfg.log_interval or state.batch_in_epoch == schedule["per_epoch"]:
-            values = (running / window_steps).tolist()
+            # Every rank logs at the same steps: average over ranks, so the log is the global batch's loss and
+            # a non-finite loss on any rank stops all of them (one rank raising alone would leave the rest waiting).
+            values = (du.all_reduce_sum(running) / (window_steps * du.world_size())).tolist()
             if not math.isfinite(values[0]):
                 raise LGDError(f"loss is {values[0]} near step {state.step}; lower the learning rate or disable fp16")
             img_s = window_steps * cfg.batch_size / (time.time() - window_start)
