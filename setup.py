@@ -12,7 +12,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # PEP 604 unions in the config dataclasses are evaluated at run time
     packages=find_packages(include=["lgd", "lgd.*", "clip", "clip.*"]),
     package_data={"clip": ["bpe_simple_vocab_16e6.txt.gz", "LICENSE-CLIP", "weights/*.sh"]},
     # Upper bounds are the newest releases we test against; raise them after a green CI run.

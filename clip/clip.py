@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from tqdm import tqdm
 
-from .model import CLIP, CLIPLoadError, build_model, infer_hyperparameters
+from .model import CLIP, CLIPLoadError, build_model, convert_weights, infer_hyperparameters
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "CLIPLoadError", "available_models", "build_preprocess",
            "default_download_root", "download", "download_model", "load"]
@@ -365,7 +365,7 @@ def load(name: str | os.PathLike[str], device: str | torch.device = "cpu", jit: 
     ``name`` is one of :func:`available_models` (downloaded into ``download_root``, default
     :func:`default_download_root`) or the path of an OpenAI TorchScript archive or of a state_dict.
     With ``jit=False`` (default) the weights go into our eager :class:`CLIP`, in eval mode, fp32 on
-    CPU and fp16 on CUDA (as OpenAI's loader does). ``jit=True`` returns the TorchScript archive itself,
+    CPU and on CUDA fp16 matrices with fp32 norms (:func:`~clip.model.convert_weights`, as OpenAI's loader does). ``jit=True`` returns the TorchScript archive itself,
     retargeted to ``device`` (:func:`retarget_archive`: fp32 on CPU, the archive's own precision on CUDA).
     Every failure raises :class:`CLIPLoadError`.
     """
@@ -407,5 +407,5 @@ def load(name: str | os.PathLike[str], device: str | torch.device = "cpu", jit: 
         raise CLIPLoadError(f"{path}: {err}") from None
     model = model.to(device)
     if device.type == "cuda":
-        model = model.half()
+        convert_weights(model)
     return model, build_preprocess(model.visual.input_resolution)

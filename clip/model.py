@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CLIP", "CLIPLoadError", "build_model", "infer_hyperparameters"]
+__all__ = ["CLIP", "CLIPLoadError", "build_model", "convert_weights", "infer_hyperparameters"]
 
 # Head width used by OpenAI for every attention layer: heads = width // 64.
 HEAD_WIDTH = 64
@@ -273,7 +273,7 @@ class CLIP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (fp16 after ``model.half()``); inputs are cast to it."""
+        """The compute dtype (fp16 after :func:`convert_weights` or ``model.half()``); inputs are cast to it."""
         return self.visual.conv1.weight.dtype
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -355,6 +355,25 @@ def infer_hyperparameters(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     except (AttributeError, IndexError, TypeError):
         raise CLIPLoadError("this is not an OpenAI CLIP state_dict: its values are not tensors of the "
                             f"expected shapes (keys: {_describe_keys(keys)})") from None
+
+
+# Matrix-shaped parameters that are not owned by a Conv/Linear module.
+_MATRIX_PARAMETERS = frozenset({"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                                "bias_k", "bias_v", "text_projection", "proj"})
+
+
+def convert_weights(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """CLIP's own mixed precision, in place: the matrices (convolutions, linear and attention projections)
+    in ``dtype``, everything else (LayerNorm and BatchNorm affine parameters and statistics, embeddings,
+    the logit scale) kept in fp32. This is how OpenAI runs CLIP on GPU; ``model.half()`` would also round
+    BatchNorm's running variance and the positional embeddings. Works on a whole CLIP or one tower.
+    """
+    for module in model.modules():
+        matrices = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear))
+        for name, param in module.named_parameters(recurse=False):
+            if matrices or name in _MATRIX_PARAMETERS:
+                param.data = param.data.to(dtype)
+    return model
 
 
 def build_model(state_dict: Mapping[str, torch.Tensor]) -> CLIP:

@@ -536,7 +536,7 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
               f"process(es), {device}")
 
     train_backbone = backbone if data.images else None
-    log = RunLog(out, du.is_main())
+    log = RunLog(out, du.is_main(), state.step)
     stop = StopRequested()
     last = out / "lincls_last.pth"
     first_epoch = state.epoch

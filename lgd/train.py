@@ -27,7 +27,7 @@ import clip
 
 from . import distributed as du
 from .banks import VisualSemanticsBank, class_text, load_or_build_tsb
-from .checkpoint import FORMAT, VERSION, atomic_torch_save, atomic_write_json, load_checkpoint, resume_path
+from .checkpoint import FORMAT, VERSION, atomic_file, atomic_torch_save, atomic_write_json, load_checkpoint, resume_path
 from .config import opt, parse_config, save_config
 from .cache import CachedViewDataset, open_teacher_cache, teacher_embeddings
 from .data import EpochSampler, SeededImageFolder, eval_transform, ignore_stop_signals, image_folder, loader_workers
@@ -175,11 +175,16 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
 
 
 class FrozenTeacher(nn.Module):
-    """The CLIP image tower in eval mode, never updated: ``t = normalize(encode_image(x))`` in fp32."""
+    """The CLIP image tower in eval mode, never updated: ``t = normalize(encode_image(x))`` in fp32.
+
+    With ``dtype=torch.float16`` the tower runs in CLIP's own mixed precision (fp16 matrices, fp32 norms).
+    """
 
     def __init__(self, visual: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.visual = visual.eval().requires_grad_(False).to(dtype)
+        self.visual = visual.eval().requires_grad_(False).float()
+        if dtype != torch.float32:
+            clip.convert_weights(self.visual, dtype)
         self.dtype = dtype
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
@@ -241,17 +246,25 @@ def stop_after_reached(stop_after: int, epochs_this_run: int, done: bool) -> boo
 
 
 class RunLog:
-    """Rank-0 JSON-lines log plus TensorBoard scalars (other ranks write nothing)."""
+    """Rank-0 JSON-lines log plus TensorBoard scalars (other ranks write nothing).
 
-    def __init__(self, out: Path, enabled: bool) -> None:
+    A run resumed at step ``S`` re-trains every step after ``S``: records past ``S`` (left by a crash after the
+    last checkpoint, or by an earlier run in the same folder) would repeat those steps with other values, so
+    they are dropped from ``log.jsonl`` (with a note) and purged from TensorBoard.
+    """
+
+    def __init__(self, out: Path, enabled: bool, step: int = 0) -> None:
         self.enabled = enabled
         self.writer = None
         if enabled:
-            self.file = open(out / "log.jsonl", "a", encoding="utf-8")
+            path = out / "log.jsonl"
+            if path.is_file():
+                keep_records_until(path, step)
+            self.file = open(path, "a", encoding="utf-8")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(out / "tb"))
+                self.writer = SummaryWriter(str(out / "tb"), purge_step=step + 1)
             except ImportError:
                 print("note: tensorboard is not installed; logging to log.jsonl only")
 
@@ -270,6 +283,25 @@ class RunLog:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def keep_records_until(path: Path, step: int) -> None:
+    """Rewrite the JSON-lines log ``path`` without the records of steps after ``step`` (and torn last lines)."""
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        with atomic_file(path) as f:
+            f.write("".join(line + "\n" for line in kept).encode())
+        print(f"note: {path}: dropped {dropped} record(s) past step {step}, the step this run starts from")
 
 
 @dataclass
@@ -396,8 +428,10 @@ def lgd_step(
         state.scaler.step(state.optimizer)
         state.scaler.update()
     with phase("lgka"):
-        # Every rank folds in the teacher embeddings of the whole global batch, so the banks agree.
-        state.vsb.update(du.all_gather_cat(t), labels=du.all_gather_cat(t_tsb.argmax(1)))
+        # Every rank folds in the teacher embeddings of the whole global batch, so the banks agree. One
+        # collective per step: the LGKA labels travel as a last fp32 column (exact below 2**24 classes).
+        packed = du.all_gather_cat(torch.cat([t.float(), t_tsb.argmax(1, keepdim=True).float()], dim=1))
+        state.vsb.update(packed[:, :-1], labels=packed[:, -1].long())
     return loss, l_vis, l_tex
 
 
@@ -563,7 +597,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
               f"{len(classnames)} classes in the banks; {per_epoch} steps/epoch x {cfg.epochs} epochs, "
               f"batch {cfg.batch_size} on {du.world_size()} process(es), {device}, amp={autocast}")
 
-    log = RunLog(out, du.is_main())
+    log = RunLog(out, du.is_main(), state.step)
     stop = StopRequested()
     teacher_metrics: dict[str, float] | None = None
     first_epoch = state.epoch

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from open_clip.model import build_model_from_openai_state_dict
+from open_clip.model import build_model_from_openai_state_dict, convert_weights_to_lp
 
-from clip.model import CLIP, CLIPLoadError, build_model, infer_hyperparameters
+from clip.model import CLIP, CLIPLoadError, build_model, convert_weights, infer_hyperparameters
 
 # Small but complete: ResNet with a 2-block stage (a block with and one without a shortcut conv),
 # ViT and text towers with 2 heads (the official rule gives one head per 64 channels).
@@ -183,4 +183,30 @@ def test_half_precision_follows_fp32(hp: dict[str, Any]) -> None:
         except RuntimeError as err:  # some CPU builds lack fp16 kernels
             pytest.skip(f"fp16 is not supported on this CPU: {err}")
     assert model.dtype == torch.float16 and logits.dtype == torch.float16
+    torch.testing.assert_close(logits.float(), reference, rtol=2e-2, atol=0.5)
+
+
+@TOWERS
+def test_mixed_precision_is_clips_own(hp: dict[str, Any]) -> None:
+    """convert_weights rounds exactly the tensors that open_clip's (OpenAI's) conversion rounds, keeps norms,
+    BatchNorm statistics and embeddings fp32, and then computes what the oracle computes."""
+    state_dict = make_openai_state_dict(hp)
+    ours, oracle = build_model(state_dict), open_clip_model(state_dict)
+    images, text = example_inputs(hp)
+    with torch.no_grad():
+        reference = ours(images, text)[0]
+        assert convert_weights(ours) is ours
+        convert_weights_to_lp(oracle)
+        ours_dtypes = {key: value.dtype for key, value in ours.state_dict().items()}
+        assert ours_dtypes == {key: value.dtype for key, value in oracle.state_dict().items()}
+        assert ours_dtypes["visual.conv1.weight"] == torch.float16 and ours_dtypes["ln_final.weight"] == torch.float32
+        assert ours_dtypes["positional_embedding"] == ours_dtypes["logit_scale"] == torch.float32
+        try:
+            image_features = ours.encode_image(images)
+            logits = ours(images, text)[0]
+        except RuntimeError as err:  # some CPU builds lack fp16 kernels
+            pytest.skip(f"fp16 is not supported on this CPU: {err}")
+        expected = oracle.encode_image(images.half())  # open_clip leaves the input cast to the caller
+    assert image_features.dtype == torch.float16
+    torch.testing.assert_close(image_features.float(), expected.float(), rtol=1e-2, atol=2e-3)
     torch.testing.assert_close(logits.float(), reference, rtol=2e-2, atol=0.5)

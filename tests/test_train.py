@@ -18,7 +18,7 @@ from lgd.checkpoint import load_checkpoint
 from lgd.data import eval_transform, image_folder
 from lgd.evaluate import embed_dataset, topk_accuracy, zero_shot_logits
 from lgd.models import build_student
-from lgd.train import TrainConfig, check_config, lr_at, main
+from lgd.train import FrozenTeacher, TrainConfig, check_config, lr_at, main
 from lgd.zscls import load_student
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,14 +77,41 @@ def test_toy_world_lgd_student_learns(toy_run, toy_world):
     assert set(toy_run) >= {"teacher_top1", "student_top1", "epochs", "seconds", "checkpoint"}
 
 
+def test_fp16_teacher_keeps_batchnorm_in_fp32(toy_world):
+    """The GPU teacher under AMP runs as OpenAI runs CLIP: fp16 convolutions, fp32 BatchNorm statistics."""
+    import clip
+
+    visual = clip.load(str(toy_world.teacher))[0].visual
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = FrozenTeacher(visual, torch.float32)(images)
+    teacher = FrozenTeacher(visual, torch.float16)
+    assert teacher.visual.conv1.weight.dtype == torch.float16
+    assert teacher.visual.bn1.running_var.dtype == teacher.visual.bn1.weight.dtype == torch.float32
+    try:
+        t = teacher(images)
+    except RuntimeError as err:  # some CPU builds lack fp16 kernels
+        pytest.skip(f"fp16 is not supported on this CPU: {err}")
+    assert t.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(t, reference).min() > 0.999
+
+
 def test_resume_after_an_epoch_is_bit_identical(toy_world, mini_world, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     main(mini_args(toy_world, mini_world, full))
     main(mini_args(toy_world, mini_world, split, "--stop-after", "1"))
     assert load_checkpoint(split / "checkpoint_last.pth")["epoch"] == 1
+    # What a crash half-way through epoch 2 leaves: records past the checkpoint, the last one torn.
+    full_records = (full / "log.jsonl").read_text().splitlines()
+    crashed = [line for line in full_records if json.loads(line)["step"] > 6][:3]
+    with open(split / "log.jsonl", "a") as f:
+        f.write("\n".join(crashed) + "\n" + crashed[-1][:20])
     main(mini_args(toy_world, mini_world, split, "--resume", "auto"))
     assert load_checkpoint(split / "checkpoint_last.pth")["epoch"] == 2
     assert_identical(final_weights(full), final_weights(split))
+    # The log reads as one run: each step once, with the values of the uninterrupted run.
+    split_records = (split / "log.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
+    assert strip(split_records) == strip(full_records)
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_world, mini_world, tmp_path):
