@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -48,7 +49,7 @@ from clip.model import CLIP
 
 from . import distributed as du
 from .banks import VisualSemanticsBank
-from .cache import CachedViewDataset, open_teacher_cache, teacher_embeddings
+from .cache import CachedViewDataset, TeacherCache, open_teacher_cache, teacher_embeddings
 from .data import EpochSampler, SeededImageFolder, image_folder
 from .checkpoint import atomic_write_json
 from .errors import LGDError, cli_entry
@@ -370,24 +371,40 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     towers: dict[tuple[str, int], tuple[nn.Module, int]] = {}
     groups = []
+    # Real data: each loader worker prefetches 4 batches at start-up; timing that burst would hide data waits.
+    warmup = max(args.warmup, 4 * args.workers + 1) if args.data else args.warmup
     for arch in args.arch:
         base = Setting(args.teacher, arch, args.image_size, args.batch_size, args.amp, args.channels_last,
                        args.compile, args.cached)
         settings = [parse_override(spec, base) for spec in args.compare] if args.compare else [base]
         runners = [StepRunner(s, args, device, towers) for s in settings]
         label = f"{arch}: {' vs '.join(args.compare)}" if args.compare else arch
-        for i in tqdm(range(args.warmup + args.steps), desc=label, unit="step", disable=not du.is_main(),
-                      dynamic_ncols=True):
-            # A B, B A, A B, ...: neither setting always runs right after the other one.
-            for runner in runners if i % 2 == 0 else runners[::-1]:
-                runner.step(keep=i >= args.warmup)
+        alternate(runners, warmup, args.steps, label)
         results = [r.summary() for r in runners]
-        group: dict[str, Any] = {"arch": arch, "results": results}
+        group: dict[str, Any] = {"arch": arch, "results": results, "warmup_steps": warmup}
         if len(results) == 2:
             group["compare"] = compare(*results)
         groups.append(group)
-        del runners
+        release(runners)
     return {"groups": groups}
+
+
+def alternate(runners: list[StepRunner], warmup: int, steps: int, label: str) -> None:
+    """A B, B A, A B, ...: neither setting always runs right after the other one."""
+    for i in tqdm(range(warmup + steps), desc=label, unit="step", disable=not du.is_main(), dynamic_ncols=True):
+        for runner in runners if i % 2 == 0 else runners[::-1]:
+            runner.step(keep=i >= warmup)
+
+
+def release(runners: list[StepRunner]) -> None:
+    """Free one arch's runners (models, optimizer state, loader workers) before the next arch is measured:
+    each runner's batch generator refers back to it, so without this only a later full GC would free them."""
+    for runner in runners:
+        runner.batches.close()
+    runners.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------- loader mode
@@ -701,6 +718,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | str:
     for key in ("steps", "batch_size", "image_size", "classes"):
         if getattr(args, key) <= 0:
             raise LGDError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.teacher_cache and args.teacher.startswith("random:"):
+        built_for = TeacherCache(args.teacher_cache).manifest["teacher"]["name"]
+        raise LGDError(f"--teacher-cache holds the embeddings of the teacher it was built for, not of a random tower: "
+                       f"pass that teacher (--teacher {built_for})")
     device = du.init_distributed(args.device)
     env = environment(device)
     run = {"step": bench_step, "loader": bench_loader, "hot": bench_hot}[args.mode]

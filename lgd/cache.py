@@ -18,6 +18,7 @@ chunks and nothing else, and running the same command again computes only the mi
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -27,11 +28,13 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
@@ -318,6 +321,27 @@ def _atomic_save_npy(array: np.ndarray, path: Path) -> None:
         np.save(f, array)
 
 
+def _build_lock(out: Path, device: torch.device) -> IO[str] | None:
+    """Rank 0 holds ``out/.build.lock`` for the whole build: a second build into the same folder would delete
+    the first one's unfinished chunk files. Every rank learns whether the lock was taken, so all fail alike."""
+    handle = None
+    taken = torch.zeros(1)
+    if du.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / ".build.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            taken.fill_(1)
+        except BlockingIOError:
+            handle.close()
+            handle = None
+    if du.is_dist():
+        taken = du.broadcast(taken.to(device))
+    if not taken.item():
+        raise LGDError(f"another `python -m lgd.cache` is building {out} right now; wait for it, or pass another --output")
+    return handle
+
+
 def _teacher_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: fp16 on GPU, as a training run with AMP runs the teacher (the stored embeddings are fp16 anyway)."""
     if name == "auto":
@@ -367,7 +391,8 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
                  "interpolation": VIEW_INTERPOLATION.value},
         "chunk_images": cfg.chunk_images,
         "record_dtype": str(record_dtype(embed_dim).descr),
-        "built": {"root": str(folder.root), "teacher_dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__},
+        "built": {"root": str(folder.root), "teacher_dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+                  "torchvision": torchvision.__version__, "pillow": PIL.__version__},
     }
     out = Path(cfg.output)
     existing = _read_manifest(out) if out.is_dir() else None  # every rank checks, so all fail alike
@@ -375,9 +400,17 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
         raise LGDError(f"{out} already holds a teacher cache that does not match this command: "
                        + "; ".join(_differences(existing, manifest))
                        + ". Pass another --output, or delete that folder to rebuild")
+    built_dtype = (existing or manifest)["built"].get("teacher_dtype", manifest["built"]["teacher_dtype"])
+    if built_dtype != manifest["built"]["teacher_dtype"]:
+        short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(built_dtype, built_dtype)
+        raise LGDError(f"the chunks already in {out} were computed by a {built_dtype} teacher, this command runs it in "
+                       f"{manifest['built']['teacher_dtype']}; one cache holds one precision: add --teacher-dtype {short}")
+    if dtype == torch.bfloat16 and du.is_main():
+        print("note: a bf16 teacher rounds its embeddings to 8 mantissa bits; with the teacher temperature 0.01 "
+              "that moves the target logits by whole units (fp16 or fp32 do not)", flush=True)
+    lock = _build_lock(out, device)
     du.barrier()
     if du.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".chunk_*.tmp"):  # left by an interrupted build; never read
             stale.unlink()
         if existing is None:
@@ -430,6 +463,8 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
         bar.update(len(indices))
     bar.close()
     du.barrier()
+    if lock is not None:
+        lock.close()
     missing = cache.missing_chunks()
     if missing:
         raise LGDError(f"{len(missing)} chunks of {out} are still missing after the build; rerun the same command")

@@ -107,7 +107,8 @@ def _remove_folder_of_links(path: Path) -> None:
 
 
 def _entry_state(entry: Entry, copy: bool) -> str:
-    """``missing``, ``ok``, ``conflict`` (a file/link in the way: replaceable) or ``blocked`` (a folder)."""
+    """``missing``, ``ok``, ``conflict`` (in the way, but replacing it loses nothing) or ``blocked`` (a folder,
+    or, when linking, a regular file that is not a copy of its source: it may be someone's only copy)."""
     dst = entry.dst
     if not dst.is_symlink() and not dst.exists():
         return "missing"
@@ -117,7 +118,9 @@ def _entry_state(entry: Entry, copy: bool) -> str:
         return "conflict"
     if dst.is_dir():  # a folder of links where a link to a folder goes (growing a subset to all classes)
         return "conflict" if entry.is_dir and _is_folder_of_links(dst) else "blocked"
-    if copy and dst.is_file() and filecmp.cmp(entry.src, dst, shallow=True):
+    if not copy:
+        return "conflict" if dst.is_file() and filecmp.cmp(entry.src, dst, shallow=False) else "blocked"
+    if dst.is_file() and filecmp.cmp(entry.src, dst, shallow=True):
         return "ok"
     return "conflict"
 
@@ -140,9 +143,10 @@ def _place(entry: Entry, copy: bool) -> None:
 def materialise(plan: Sequence[Entry], managed: Iterable[Path], summary: Summary, force: bool) -> Summary:
     """Make ``plan`` real. ``managed`` folders hold exactly what the plan puts there: anything else in them
     is stale (e.g. from a run with another seed) and is an error unless ``force`` removes it. ``force``
-    removes links, files and folders of links only; a folder holding files is never deleted."""
+    removes links, folders of links and, when copying, files; a link run replaces a regular file only by a
+    link to an identical source, and a folder holding files is never deleted."""
     copy = summary.copy
-    managed = sorted(set(managed), key=lambda p: len(p.parts))
+    managed = sorted(set(managed), key=lambda p: (len(p.parts), str(p)))
     expected: dict[Path, set[str]] = {d: set() for d in managed}
     for entry in plan:
         expected.setdefault(entry.dst.parent, set()).add(entry.dst.name)
@@ -158,7 +162,8 @@ def materialise(plan: Sequence[Entry], managed: Iterable[Path], summary: Summary
         return any(link in path.parents for link in linked)
 
     states = ["missing" if behind_link(e.dst) else _entry_state(e, copy) for e in plan]
-    blocked = [f"{e.dst} is a folder" for e, s in zip(plan, states) if s == "blocked"]
+    blocked = [f"{e.dst} is a {'folder' if e.dst.is_dir() else 'file, not a link, nor a copy of ' + str(e.src)}"
+               for e, s in zip(plan, states) if s == "blocked"]
     differ = [f"{e.dst} (not {'a copy of' if copy and not e.is_dir else 'a link to'} {e.src})"
               for e, s in zip(plan, states) if s == "conflict"]
     differ += [f"{d} (a link to {os.path.realpath(d)}, not a folder)" for d in linked]
@@ -170,8 +175,10 @@ def materialise(plan: Sequence[Entry], managed: Iterable[Path], summary: Summary
         for child in sorted(d.iterdir()):
             if child.name in expected[d]:
                 continue
-            if child.is_symlink() or not child.is_dir():
+            if child.is_symlink() or (copy and not child.is_dir()):
                 stale.append(child)
+            elif not child.is_dir():
+                blocked.append(f"{child} is a file, not a link")
             elif _is_folder_of_links(child):
                 stale_dirs.append(child)
             else:

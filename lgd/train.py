@@ -345,6 +345,12 @@ def save_state(state: State, path: Path, cfg: TrainConfig, setup: Setup, tsb: to
     )
 
 
+# A resumed run must keep these: the learning rate of every step, the data order and views, and the loss
+# depend on them. Everything else (paths, precision, workers, intervals, compile) may change on resume.
+RECIPE_KEYS = ("epochs", "batch_size", "base_lr", "warmup_epochs", "momentum", "weight_decay", "image_size",
+               "min_crop_scale", "student_temp", "teacher_temp", "alpha", "vsb_momentum", "seed")
+
+
 def resume_state(state: State, cfg: TrainConfig, out: Path, tsb: torch.Tensor) -> None:
     """Load ``--resume`` into ``state``; refuse checkpoints of another student or text set."""
     path = resume_path(cfg.resume, out)
@@ -363,16 +369,18 @@ def resume_state(state: State, cfg: TrainConfig, out: Path, tsb: torch.Tensor) -
     if not torch.allclose(ckpt["tsb"].float(), tsb.float().cpu(), atol=1e-4):
         raise LGDError(f"cannot resume: the TSB of {path} differs from this run's (another teacher, class-name "
                        "order or templates?); resume with the checkpoint's teacher and --text, or start a new --output")
-    state.student.load_state_dict(ckpt["model"])
-    state.vsb.load_state_dict(ckpt["vsb"])
     if ckpt["config"].get("optimizer") != cfg.optimizer:
         raise LGDError(f"cannot resume: {path} was trained with {ckpt['config'].get('optimizer')}, this run asks for "
                        f"{cfg.optimizer}; their states do not convert (start a new --output to switch)")
+    changed = [f"{key}={ckpt['config'][key]!r} (this run: {getattr(cfg, key)!r})" for key in RECIPE_KEYS
+               if key in ckpt["config"] and ckpt["config"][key] != getattr(cfg, key)]
+    if changed:
+        raise LGDError(f"cannot resume: {path} was trained with {', '.join(changed)}; these keys define the schedule "
+                       "and the method, so the resumed run would be neither run. Resume with the checkpoint's values "
+                       "(its run folder's config.yaml), or start a new --output")
+    state.student.load_state_dict(ckpt["model"])
+    state.vsb.load_state_dict(ckpt["vsb"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
-    for group in state.optimizer.param_groups:  # the config, not the checkpoint, says what the run uses from now
-        group["weight_decay"] = cfg.weight_decay
-        if "momentum" in group:
-            group["momentum"] = cfg.momentum
     if state.scaler.is_enabled() and ckpt["scaler"]:  # fp16 loss scale; a run switching to fp16 starts a fresh one
         state.scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -512,8 +520,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     teacher_precision = teacher_dtype(autocast, device)
     visual = clip_model.visual
     del clip_model  # the text tower is not needed any more
-    # With a teacher cache the teacher never runs in training (it is built once, for the zero-shot baseline).
+    # With a teacher cache the teacher never runs in training: it waits on the CPU for the zero-shot baseline.
     teacher = None if cfg.teacher_cache else FrozenTeacher(visual, teacher_precision).to(device)
+    if teacher is None:
+        visual.cpu()
     if cfg.channels_last and teacher is not None:
         teacher = teacher.to(memory_format=torch.channels_last)
 
@@ -634,6 +644,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if teacher_metrics is None:
                     evaluated = teacher if teacher is not None else FrozenTeacher(visual, teacher_precision).to(device)
                     teacher_metrics = zero_shot(evaluated, val_loader, val_tsb, device, None, "zero-shot (teacher)")
+                    if teacher is None:
+                        evaluated.cpu()  # measured once per run; its memory goes back to the student
                 student_metrics = zero_shot(student.eval(), val_loader, val_tsb, device, autocast, "zero-shot (student)")
                 state.metrics = {"teacher_top1": teacher_metrics["top1"], "teacher_top5": teacher_metrics["top5"],
                                  "student_top1": student_metrics["top1"], "student_top5": student_metrics["top5"]}

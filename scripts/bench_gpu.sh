@@ -17,7 +17,10 @@ STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-5}
 ARCHS=${ARCHS:-"mobilenet_v2 resnet18"}
 RUN_TIMEOUT=${RUN_TIMEOUT:-420}
-NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
+if ! NGPU=$(python -c "import torch; print(torch.cuda.device_count())"); then
+  echo "error: python with torch is needed (pip install -e . from the repository)" >&2
+  exit 2
+fi
 if [[ "$NGPU" -lt 1 ]]; then
   echo "error: no CUDA GPU visible; this script only measures GPUs (CPU: python -m lgd.bench --help)" >&2
   exit 2
@@ -57,7 +60,9 @@ fi
 run hot-cuda python -m lgd.bench --mode hot --device cuda
 run loader python -m lgd.bench --mode loader --images 1024 --workers 1 4 8 --batch-size 64 --steps 40
 
-python -m lgd.bench --mode summary "$OUT"/step-*.json | tee "$OUT/summary.md"
+if ! python -m lgd.bench --mode summary "$OUT"/step-*.json | tee "$OUT/summary.md"; then
+  FAILED+=(summary)
+fi
 if [[ ${#FAILED[@]} -gt 0 ]]; then
   echo "failed runs (see their .log): ${FAILED[*]}" >&2
   exit 1

@@ -1,6 +1,9 @@
-# Shared by the launchers in scripts/ (sourced, not run).
+# Shared by the launchers in scripts/ (sourced, not run). The launchers stay in the directory they were started
+# from, so every relative path (environment, arguments, config values) counts from there; only the built-in
+# toy-world defaults and CONFIG=configs/... are found in this repository ($REPO) wherever you are.
 
-TOY_RUN=runs/toyworld/checkpoint_last.pth
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's lgd, installed or not
+TOY_RUN="$REPO/runs/toyworld/checkpoint_last.pth"
 
 # require_toy_run WHAT: the no-argument default evaluates the toy-world run; say how to make it if missing.
 require_toy_run() {
@@ -12,26 +15,20 @@ require_toy_run() {
   fi
 }
 
-# from_caller VAR...: the launchers cd to the repository root, so a relative path in VAR is made absolute from
-# the directory the command was typed in ($CALLER_DIR) when it exists there (OUTPUT: always); otherwise it stays
-# relative to the repository (CONFIG=configs/... works from anywhere). 'toy' is a keyword, not a path.
-from_caller() {
-  local var value
-  for var in "$@"; do
-    value="${!var:-}"
-    [[ -z "$value" || "$value" == /* || "$value" == toy ]] && continue
-    if [[ -e "$CALLER_DIR/$value" || "$var" == OUTPUT ]]; then
-      printf -v "$var" '%s' "$CALLER_DIR/$value"
-    fi
-  done
-  return 0
+# config_path PATH: PATH as given if it exists here (or is absolute), else the repository's (configs/...).
+config_path() {
+  if [[ "$1" != /* && ! -e "$1" && -e "$REPO/$1" ]]; then
+    printf '%s\n' "$REPO/$1"
+  else
+    printf '%s\n' "$1"
+  fi
 }
 
-# launch MODULE DEFAULT_PORT ARGS...: plain python for one process, torchrun otherwise.
+# launch MODULE ARGS...: plain python for one process, torchrun otherwise.
 # Reads NPROC (default: the GPUs present, or 1), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
 launch() {
-  local module=$1 port=$2
-  shift 2
+  local module=$1
+  shift
   if [[ -z "${NPROC:-}" ]]; then
     NPROC=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
   fi
@@ -39,6 +36,13 @@ launch() {
   if [[ "$NPROC" == 1 && "$nnodes" == 1 ]]; then
     exec python -m "$module" "$@"
   fi
+  if [[ "$nnodes" == 1 && -z "${MASTER_PORT:-}" ]]; then
+    exec torchrun --standalone --nproc_per_node "$NPROC" -m "$module" "$@"  # a free port: jobs can share a node
+  fi
+  if [[ "$nnodes" != 1 && ( -z "${MASTER_ADDR:-}" || -z "${NODE_RANK:-}" ) ]]; then
+    echo "error: NNODES=$nnodes needs MASTER_ADDR (the address of node 0) and NODE_RANK (0..$((nnodes - 1))) on every node" >&2
+    exit 2
+  fi
   exec torchrun --nproc_per_node "$NPROC" --nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" \
-    --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-$port}" -m "$module" "$@"
+    --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" -m "$module" "$@"
 }

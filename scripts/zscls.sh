@@ -4,18 +4,17 @@
 #   CHECKPOINT=runs/lgd/checkpoint_last.pth DATA=/data/imagenet bash scripts/zscls.sh --text imagenet
 #   CHECKPOINT=runs/lgd/checkpoint_last.pth DATA=/data/caltech256 bash scripts/zscls.sh --text caltech256
 # Environment: CHECKPOINT, DATA (a root holding val/; add --split '' to evaluate the folder itself), OUTPUT.
-# Extra arguments go to lgd.zscls (e.g. --text, --templates, --no-teacher).
+# Extra arguments go to lgd.zscls (e.g. --text, --templates, --no-teacher). Relative paths count from the
+# current directory.
 set -euo pipefail
-CALLER_DIR=$PWD
-cd "$(dirname "$0")/.."
-source scripts/common.sh
-from_caller CHECKPOINT DATA CONFIG OUTPUT
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$REPO/scripts/common.sh"
 
 ARGS=()
 if [[ $# -eq 0 && -z "${CHECKPOINT:-}${DATA:-}" ]]; then
   require_toy_run evaluates
   echo "No arguments given: zero-shot evaluation of the built-in toy-world run $TOY_RUN on the toy world's val/."
-  ARGS+=(--checkpoint "$TOY_RUN" --data toy --output "${OUTPUT:-runs/toyworld/zscls}")
+  ARGS+=(--checkpoint "$TOY_RUN" --data toy --output "${OUTPUT:-$REPO/runs/toyworld/zscls}")
 else
   [[ -n "${CHECKPOINT:-}" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
   [[ -n "${DATA:-}" ]] && ARGS+=(--data "$DATA")

@@ -104,6 +104,45 @@ def test_step_on_a_real_folder_with_the_teacher_cache(tiny: dict[str, Path], tmp
                     "--data", str(tiny["data"]), "--teacher-cache", str(tiny["cache"]), "--cached",
                     "--json", str(tmp_path / "bad.json")])
     assert "cannot use the teacher cache" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the default random tower can never be the cache's teacher
+        bench_main(["--batch-size", "4", "--steps", "1", "--data", str(tiny["data"]),
+                    "--teacher-cache", str(tiny["cache"]), "--cached", "--json", str(tmp_path / "bad.json")])
+    assert f"--teacher {tiny['teacher']}" in capsys.readouterr().err
+
+
+def test_two_archs_in_one_run_are_measured_apart(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The first arch's runners are freed before the second is measured (its memory is not the second's)."""
+    import gc
+    import weakref
+
+    from lgd import bench
+
+    made: list[weakref.ref] = []
+    original = bench.StepRunner.__init__
+
+    def tracked(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    alive_during_second: list[bool] = []
+    step = bench.StepRunner.step
+
+    def recording_step(self, keep: bool) -> None:
+        if self.setting.arch == "resnet18":
+            gc.disable()  # only what release() freed, not a collection that happens to run, counts
+            alive_during_second.append(made[0]() is not None)
+            gc.enable()
+        step(self, keep)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench.StepRunner, "__init__", tracked)
+        patch.setattr(bench.StepRunner, "step", recording_step)
+        report = bench_main(["--teacher", str(tiny["teacher"]), "--arch", "mobilenet_v2", "resnet18",
+                             "--image-size", "32", "--batch-size", "4", "--classes", "10", "--steps", "1",
+                             "--warmup", "1", "--data", str(tiny["data"]), "--workers", "0",
+                             "--json", str(tmp_path / "two.json")])
+    assert [g["arch"] for g in report["groups"]] == ["mobilenet_v2", "resnet18"]
+    assert alive_during_second and not any(alive_during_second)
 
 
 def test_loader_mode(tmp_path: Path) -> None:

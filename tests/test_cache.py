@@ -5,6 +5,7 @@ takes seconds; the toy world is not needed.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -170,6 +171,13 @@ def test_interrupted_build_resumes_without_mixing(world: dict[str, Path], built:
     folder = image_folder(world["data"] / "train")
     with pytest.raises(LGDError, match="incomplete"):
         open_teacher_cache(out, visual=_visual(world["teacher"]), folder=folder, image_size=SIZE, min_scale=MIN_SCALE)
+
+    with pytest.raises(LGDError, match="computed by a float32 teacher.*--teacher-dtype fp32"):
+        _build(world, out, "--teacher-dtype", "fp16")  # chunks of another precision would be mixed in
+    with open(out / ".build.lock", "w") as other_build:
+        fcntl.flock(other_build, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(LGDError, match="is building"):
+            _build(world, out)  # it would delete the other build's unfinished chunk files
 
     (out / ".chunk_000001.x.tmp").write_bytes(b"debris of a killed process")
     first_chunk = os.stat(partial.chunk_path(0)).st_mtime_ns

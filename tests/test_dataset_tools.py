@@ -97,16 +97,28 @@ def make_fresh(src: Path, dst: Path, seed: int) -> Path:
     return dst
 
 
-def test_conflicting_file_is_an_error_unless_force(caltech, tmp_path):
+def test_conflicting_link_is_an_error_unless_force_and_files_are_never_deleted(caltech, tmp_path):
     dst = tmp_path / "out"
     make_caltech_trainval(caltech, dst, per_class=3)
     victim = next((dst / "train" / "056.dog").iterdir())
     victim.unlink()
-    victim.write_text("something else")
+    (tmp_path / "elsewhere.jpg").write_text("something else")
+    victim.symlink_to(tmp_path / "elsewhere.jpg")
     with pytest.raises(LGDError, match="differ from this run"):
         make_caltech_trainval(caltech, dst, per_class=3)
     summary = make_caltech_trainval(caltech, dst, per_class=3, force=True)
-    assert summary.replaced == 1 and victim.is_symlink()
+    assert summary.replaced == 1 and victim.resolve() != (tmp_path / "elsewhere.jpg")
+    # A link run never deletes a regular file (it may be the only copy), in the plan's place or beside it.
+    victim.unlink()
+    victim.write_text("mine")
+    (dst / "train" / "056.dog" / "extra.jpg").write_text("mine too")
+    with pytest.raises(LGDError, match="never removed, even with --force") as err:
+        make_caltech_trainval(caltech, dst, per_class=3, force=True)
+    assert f"{victim} is a file, not a link, nor a copy" in str(err.value)
+    assert "extra.jpg is a file, not a link" in str(err.value)
+    assert victim.read_text() == "mine" and (dst / "train" / "056.dog" / "extra.jpg").read_text() == "mine too"
+    victim.unlink()
+    (dst / "train" / "056.dog" / "extra.jpg").unlink()
     (dst / "train" / "056.dog" / "a folder").mkdir()
     (dst / "train" / "056.dog" / "a folder" / "notes.txt").write_text("mine")
     with pytest.raises(LGDError, match="never removed, even with --force"):
@@ -124,6 +136,8 @@ def test_caltech_copy_mode(caltech, tmp_path):
     assert make_caltech_trainval(caltech, dst, per_class=5, copy=True).kept == len(copies)
     with pytest.raises(LGDError, match="not a link to"):  # links wanted where copies are
         make_caltech_trainval(caltech, dst, per_class=5)
+    summary = make_caltech_trainval(caltech, dst, per_class=5, force=True)  # identical copies: nothing is lost
+    assert summary.replaced == len(copies) and all(p.is_symlink() for p in copies)
 
 
 def test_caltech_layout_errors(caltech, tmp_path):

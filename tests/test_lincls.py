@@ -249,7 +249,7 @@ def test_builtin_default_lgd_beats_random_init_by_20_points(toy_checkpoint, tmp_
     root = script_sandbox(tmp_path, toy_checkpoint)
     done = run_script(root, "lincls.sh")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "toy-world run runs/toyworld/checkpoint_last.pth" in done.stdout
+    assert f"toy-world run {root / 'runs' / 'toyworld' / 'checkpoint_last.pth'}" in done.stdout
     lgd = json.loads((root / "runs" / "toyworld" / "lincls" / "lincls_metrics.json").read_text())
     torch.manual_seed(0)
     random_init, _ = build_backbone("resnet18")

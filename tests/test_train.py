@@ -220,6 +220,10 @@ def test_resume_from_another_arch_is_refused(toy_world, mini_world, tmp_path, ca
                       "holds a resnet18 student")
     expect_user_error(capsys, [*mini_args(toy_world, mini_world, out, "--resume", "auto"), "--optimizer", "sgd"],
                       "was trained with adamw, this run asks for sgd")
+    expect_user_error(capsys, [*mini_args(toy_world, mini_world, out, "--resume", "auto"), "--epochs", "10"],
+                      "was trained with epochs=2 (this run: 10)")
+    expect_user_error(capsys, [*mini_args(toy_world, mini_world, out, "--resume", "auto"), "--alpha", "0.7"],
+                      "alpha=0.5 (this run: 0.7)")
     assert (out / "config.yaml").read_text() == saved_config  # a refused start leaves the run's config alone
     reordered = tmp_path / "reordered.txt"  # same TSB shape, rows in another order: the VSB rows would lie
     reordered.write_text("\n".join(reversed(toy_world.classnames.read_text().split("\n")[:-1])) + "\n")

@@ -65,10 +65,19 @@ def test_builtin_default_runs_the_toy_world(toy_checkpoint, default_result, tmp_
     (tmp_path / "runs" / "toyworld" / "checkpoint_last.pth").symlink_to(toy_checkpoint)
     done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "toy-world run runs/toyworld/checkpoint_last.pth" in done.stdout
+    assert f"toy-world run {tmp_path / 'runs' / 'toyworld' / 'checkpoint_last.pth'}" in done.stdout
     metrics = json.loads((tmp_path / "runs" / "toyworld" / "zscls" / "zscls_metrics.json").read_text())
     assert metrics["student_top1"] == default_result["student_top1"]
     assert metrics["teacher_top1"] == default_result["teacher_top1"]
+    # Relative paths in arguments count from where the script is run, not from the repository.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "student.pth").symlink_to(toy_checkpoint)
+    done = subprocess.run([*script, "--checkpoint", "student.pth", "--data", "toy", "--no-teacher", "--output", "zs"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((elsewhere / "zs" / "zscls_metrics.json").read_text())
+    assert metrics["student_top1"] == default_result["student_top1"]
 
 
 def test_equals_what_training_reported(default_result, toy_run):
