@@ -224,6 +224,14 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- step mode
+def check_cache_teacher(spec: str, cache_root: str) -> None:
+    """A random tower can never be the teacher a ``--teacher-cache`` was built for: say which one is."""
+    if spec.startswith("random:"):
+        built_for = TeacherCache(cache_root).manifest["teacher"]["name"]
+        raise LGDError(f"--teacher-cache holds the embeddings of the teacher it was built for, not of a random tower: "
+                       f"pass that teacher (--teacher {built_for})")
+
+
 def load_visual(spec: str, image_size: int, cache_dir: str) -> tuple[nn.Module, int]:
     """The teacher's image tower and embedding width: ``random:NAME``, an official name, a path, or 'toy'."""
     if spec.startswith("random:"):
@@ -297,6 +305,7 @@ class StepRunner:
         if self.setting.cached:
             if not args.teacher_cache:
                 raise LGDError("cached=true with --data needs --teacher-cache DIR (built by python -m lgd.cache)")
+            check_cache_teacher(self.setting.teacher, args.teacher_cache)
             cache = open_teacher_cache(args.teacher_cache, visual=visual, folder=folder,
                                        image_size=self.setting.image_size, min_scale=args.min_crop_scale)
             dataset = CachedViewDataset(folder, cache)
@@ -435,8 +444,10 @@ def bench_loader(args: argparse.Namespace, device: torch.device) -> dict[str, An
         folder = image_folder(root)
         dataset: Dataset
         if args.teacher_cache:
-            cache = open_teacher_cache(args.teacher_cache, visual=load_visual(args.teacher, args.image_size, args.cache_dir)[0],
-                                       folder=folder, image_size=args.image_size, min_scale=args.min_crop_scale)
+            check_cache_teacher(args.teacher, args.teacher_cache)
+            visual = load_visual(args.teacher, args.image_size, args.cache_dir)[0]
+            cache = open_teacher_cache(args.teacher_cache, visual=visual, folder=folder, image_size=args.image_size,
+                                       min_scale=args.min_crop_scale)
             dataset = CachedViewDataset(folder, cache)
         else:
             dataset = SeededImageFolder(folder, MocoV2View(args.image_size, min_scale=args.min_crop_scale), args.seed)
@@ -718,10 +729,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | str:
     for key in ("steps", "batch_size", "image_size", "classes"):
         if getattr(args, key) <= 0:
             raise LGDError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
-    if args.teacher_cache and args.teacher.startswith("random:"):
-        built_for = TeacherCache(args.teacher_cache).manifest["teacher"]["name"]
-        raise LGDError(f"--teacher-cache holds the embeddings of the teacher it was built for, not of a random tower: "
-                       f"pass that teacher (--teacher {built_for})")
     device = du.init_distributed(args.device)
     env = environment(device)
     run = {"step": bench_step, "loader": bench_loader, "hot": bench_hot}[args.mode]

@@ -323,23 +323,37 @@ def _atomic_save_npy(array: np.ndarray, path: Path) -> None:
 
 def _build_lock(out: Path, device: torch.device) -> IO[str] | None:
     """Rank 0 holds ``out/.build.lock`` for the whole build: a second build into the same folder would delete
-    the first one's unfinished chunk files. Every rank learns whether the lock was taken, so all fail alike."""
-    handle = None
-    taken = torch.zeros(1)
+    the first one's unfinished chunk files. Every rank learns the outcome, so all fail alike (none waits)."""
+    handle, status, problem = None, torch.zeros(1), ""
     if du.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / ".build.lock", "w")
         try:
+            out.mkdir(parents=True, exist_ok=True)
+            handle = open(out / ".build.lock", "w")
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            taken.fill_(1)
         except BlockingIOError:
+            status.fill_(1)
+        except OSError as err:
+            status.fill_(2)
+            problem = str(err)
+        if status.item() and handle is not None:
             handle.close()
             handle = None
     if du.is_dist():
-        taken = du.broadcast(taken.to(device))
-    if not taken.item():
+        status = du.broadcast(status.to(device)).cpu()
+    if status.item() == 1:
         raise LGDError(f"another `python -m lgd.cache` is building {out} right now; wait for it, or pass another --output")
+    if status.item() == 2:
+        raise LGDError(f"cannot create the cache folder {out}: {problem or 'see rank 0'}")
     return handle
+
+
+# How the teacher computed a cache's embeddings (FrozenTeacher: CLIP's mixed precision below fp32), and the flag
+# that selects it again. Caches of lgd before 2026-11-28 do not say: their fp16 teachers were fully half().
+PRECISION_FLAGS = {"fp32": "fp32", "clip-mixed-fp16": "fp16", "clip-mixed-bf16": "bf16"}
+
+
+def _precision_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "clip-mixed-fp16", torch.bfloat16: "clip-mixed-bf16"}[dtype]
 
 
 def _teacher_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -391,7 +405,8 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
                  "interpolation": VIEW_INTERPOLATION.value},
         "chunk_images": cfg.chunk_images,
         "record_dtype": str(record_dtype(embed_dim).descr),
-        "built": {"root": str(folder.root), "teacher_dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+        "built": {"root": str(folder.root), "teacher_dtype": str(dtype).removeprefix("torch."),
+                  "teacher_precision": _precision_name(dtype), "torch": torch.__version__,
                   "torchvision": torchvision.__version__, "pillow": PIL.__version__},
     }
     out = Path(cfg.output)
@@ -400,77 +415,80 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
         raise LGDError(f"{out} already holds a teacher cache that does not match this command: "
                        + "; ".join(_differences(existing, manifest))
                        + ". Pass another --output, or delete that folder to rebuild")
-    built_dtype = (existing or manifest)["built"].get("teacher_dtype", manifest["built"]["teacher_dtype"])
-    if built_dtype != manifest["built"]["teacher_dtype"]:
-        short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(built_dtype, built_dtype)
-        raise LGDError(f"the chunks already in {out} were computed by a {built_dtype} teacher, this command runs it in "
-                       f"{manifest['built']['teacher_dtype']}; one cache holds one precision: add --teacher-dtype {short}")
     if dtype == torch.bfloat16 and du.is_main():
         print("note: a bf16 teacher rounds its embeddings to 8 mantissa bits; with the teacher temperature 0.01 "
               "that moves the target logits by whole units (fp16 or fp32 do not)", flush=True)
     lock = _build_lock(out, device)
-    du.barrier()
-    if du.is_main():
-        for stale in out.glob(".chunk_*.tmp"):  # left by an interrupted build; never read
-            stale.unlink()
-        if existing is None:
-            atomic_write_json(out / MANIFEST, manifest)
-    du.barrier()
+    try:
+        du.barrier()
+        if du.is_main():
+            for stale in out.glob(".chunk_*.tmp"):  # left by an interrupted build; never read
+                stale.unlink()
+            if existing is None:
+                atomic_write_json(out / MANIFEST, manifest)
+        du.barrier()
 
-    cache = TeacherCache(out)
-    missing = cache.missing_chunks()
-    du.barrier()  # every rank has listed the same chunks before any rank writes one
-    mine = missing[du.rank()::du.world_size()]
-    per_batch = max(1, cfg.batch_size // cfg.views)
-    batches = [list(range(start, min(start + per_batch, c * cache.chunk_images + cache.chunk_rows(c))))
-               for c in mine for start in range(c * cache.chunk_images, c * cache.chunk_images + cache.chunk_rows(c), per_batch)]
-    if du.is_main():
-        size_gb = cache.num_images * cfg.views * cache.dtype.itemsize / 1e9
-        done = cache.num_chunks - len(missing)
-        print(f"teacher cache {out}: {cache.num_images} images x {cfg.views} views, D={embed_dim} fp16 ({size_gb:.2f} GB); "
-              f"{done}/{cache.num_chunks} chunks already built; {du.world_size()} process(es), teacher {dtype} on {device}",
-              flush=True)
-    teacher = FrozenTeacher(visual, dtype).to(device)
-    if cfg.channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    loader = DataLoader(_ImageViews(folder, view, cfg.seed, cfg.views), batch_sampler=batches, num_workers=loader_workers(cfg.workers),
-                        collate_fn=_collate_views, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if cfg.workers > 0 else None)
-    buffers: dict[int, np.ndarray] = {}
-    left: dict[int, int] = {}
-    start = time.time()
-    bar = tqdm(total=sum(len(b) for b in batches), desc="caching teacher embeddings", unit="img",
-               disable=not du.is_main(), dynamic_ncols=True)
-    for indices, sources, tensors, records in loader:
-        images = tensors.to(device, non_blocking=True)
+        cache = TeacherCache(out)
+        missing = cache.missing_chunks()
+        du.barrier()  # every rank has listed the same chunks before any rank writes one
+        built_with, this_run = (existing or manifest)["built"].get("teacher_precision"), manifest["built"]["teacher_precision"]
+        if missing and len(missing) < cache.num_chunks and built_with != this_run:
+            raise LGDError(f"the chunks already in {out} were computed by a {built_with or 'half()-converted fp16'} "
+                           f"teacher, this command runs a {this_run} one, and one cache must hold one precision: "
+                           + (f"add --teacher-dtype {PRECISION_FLAGS[built_with]}" if built_with in PRECISION_FLAGS
+                              else "delete the folder to rebuild it"))
+        mine = missing[du.rank()::du.world_size()]
+        per_batch = max(1, cfg.batch_size // cfg.views)
+        batches = [list(range(start, min(start + per_batch, c * cache.chunk_images + cache.chunk_rows(c))))
+                   for c in mine for start in range(c * cache.chunk_images, c * cache.chunk_images + cache.chunk_rows(c), per_batch)]
+        if du.is_main():
+            size_gb = cache.num_images * cfg.views * cache.dtype.itemsize / 1e9
+            done = cache.num_chunks - len(missing)
+            print(f"teacher cache {out}: {cache.num_images} images x {cfg.views} views, D={embed_dim} fp16 ({size_gb:.2f} GB); "
+                  f"{done}/{cache.num_chunks} chunks already built; {du.world_size()} process(es), teacher {dtype} on {device}",
+                  flush=True)
+        teacher = FrozenTeacher(visual, dtype).to(device)
         if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        embedding = teacher(images).half()
-        if not torch.isfinite(embedding).all():
-            raise LGDError(f"the teacher produced non-finite embeddings for images {indices[0]}..{indices[-1]}; "
-                           "try --teacher-dtype fp32")
-        chunk, first = divmod(indices[0], cache.chunk_images)
-        if chunk not in buffers:
-            buffers[chunk], left[chunk] = np.zeros((cache.chunk_rows(chunk), cfg.views), cache.dtype), cache.chunk_rows(chunk)
-        rows = buffers[chunk][first : first + len(indices)]
-        rows["embedding"] = embedding.cpu().numpy().reshape(len(indices), cfg.views, embed_dim)
-        rows["source"] = np.asarray(sources, dtype=np.int32)[:, None]
-        for name in PARAMS_DTYPE.names:
-            rows[name] = records[name]
-        left[chunk] -= len(indices)
-        if left[chunk] == 0:
-            _atomic_save_npy(buffers.pop(chunk), cache.chunk_path(chunk))
-        bar.update(len(indices))
-    bar.close()
-    du.barrier()
-    if lock is not None:
-        lock.close()
-    missing = cache.missing_chunks()
-    if missing:
-        raise LGDError(f"{len(missing)} chunks of {out} are still missing after the build; rerun the same command")
-    if du.is_main():
-        print(f"teacher cache complete: {out} ({time.time() - start:.0f}s for this run's share)", flush=True)
-    return cache
+            teacher = teacher.to(memory_format=torch.channels_last)
+        loader = DataLoader(_ImageViews(folder, view, cfg.seed, cfg.views), batch_sampler=batches, num_workers=loader_workers(cfg.workers),
+                            collate_fn=_collate_views, pin_memory=device.type == "cuda",
+                            prefetch_factor=4 if cfg.workers > 0 else None)
+        buffers: dict[int, np.ndarray] = {}
+        left: dict[int, int] = {}
+        start = time.time()
+        bar = tqdm(total=sum(len(b) for b in batches), desc="caching teacher embeddings", unit="img",
+                   disable=not du.is_main(), dynamic_ncols=True)
+        for indices, sources, tensors, records in loader:
+            images = tensors.to(device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            embedding = teacher(images).half()
+            if not torch.isfinite(embedding).all():
+                raise LGDError(f"the teacher produced non-finite embeddings for images {indices[0]}..{indices[-1]}; "
+                               "try --teacher-dtype fp32")
+            chunk, first = divmod(indices[0], cache.chunk_images)
+            if chunk not in buffers:
+                buffers[chunk], left[chunk] = np.zeros((cache.chunk_rows(chunk), cfg.views), cache.dtype), cache.chunk_rows(chunk)
+            rows = buffers[chunk][first : first + len(indices)]
+            rows["embedding"] = embedding.cpu().numpy().reshape(len(indices), cfg.views, embed_dim)
+            rows["source"] = np.asarray(sources, dtype=np.int32)[:, None]
+            for name in PARAMS_DTYPE.names:
+                rows[name] = records[name]
+            left[chunk] -= len(indices)
+            if left[chunk] == 0:
+                _atomic_save_npy(buffers.pop(chunk), cache.chunk_path(chunk))
+            bar.update(len(indices))
+        bar.close()
+        du.barrier()
+        missing = cache.missing_chunks()
+        if missing:
+            raise LGDError(f"{len(missing)} chunks of {out} are still missing after the build; rerun the same command")
+        if du.is_main():
+            print(f"teacher cache complete: {out} ({time.time() - start:.0f}s for this run's share)", flush=True)
+        return cache
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 @cli_entry

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -250,10 +251,10 @@ class RunLog:
 
     A run resumed at step ``S`` re-trains every step after ``S``: records past ``S`` (left by a crash after the
     last checkpoint, or by an earlier run in the same folder) would repeat those steps with other values, so
-    they are dropped from ``log.jsonl`` (with a note) and purged from TensorBoard.
+    they move to ``log.dropped.jsonl`` (with a note) and are purged from TensorBoard.
     """
 
-    def __init__(self, out: Path, enabled: bool, step: int = 0) -> None:
+    def __init__(self, out: Path, enabled: bool, step: int) -> None:
         self.enabled = enabled
         self.writer = None
         if enabled:
@@ -286,22 +287,26 @@ class RunLog:
 
 
 def keep_records_until(path: Path, step: int) -> None:
-    """Rewrite the JSON-lines log ``path`` without the records of steps after ``step`` (and torn last lines)."""
-    kept, dropped = [], 0
+    """Move the records of steps after ``step`` (and lines cut short by a crash) out of the JSON-lines log
+    ``path`` into ``log.dropped.jsonl`` beside it: the log keeps one record per step, nothing is deleted."""
+    kept, dropped = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            dropped += 1
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
-        else:
-            dropped += 1
+            keep = isinstance(record.get("step"), int) and record["step"] <= step
+        except (json.JSONDecodeError, AttributeError):  # torn, or not a record of ours
+            keep = False
+        (kept if keep else dropped).append(line)
     if dropped:
+        aside = path.with_name("log.dropped.jsonl")
+        with open(aside, "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in dropped))
+            f.flush()
+            os.fsync(f.fileno())
         with atomic_file(path) as f:
             f.write("".join(line + "\n" for line in kept).encode())
-        print(f"note: {path}: dropped {dropped} record(s) past step {step}, the step this run starts from")
+        print(f"note: {len(dropped)} record(s) of {path} past step {step}, the step this run starts from, "
+              f"moved to {aside}")
 
 
 @dataclass

@@ -15,6 +15,19 @@ require_toy_run() {
   fi
 }
 
+# has_flag FLAG... -- ARGS...: whether ARGS hold one of the FLAGs (as `--flag value` or `--flag=value`).
+has_flag() {
+  local flags=() arg flag
+  while [[ $# -gt 0 && "$1" != -- ]]; do flags+=("$1"); shift; done
+  shift
+  for arg in "$@"; do
+    for flag in "${flags[@]}"; do
+      [[ "$arg" == "$flag" || "$arg" == "$flag="* ]] && return 0
+    done
+  done
+  return 1
+}
+
 # config_path PATH: PATH as given if it exists here (or is absolute), else the repository's (configs/...).
 config_path() {
   if [[ "$1" != /* && ! -e "$1" && -e "$REPO/$1" ]]; then

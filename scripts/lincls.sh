@@ -7,7 +7,7 @@
 # Extra arguments go to lgd.lincls (e.g. --cached-features, --resume auto). Relative paths count from the
 # current directory.
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(CDPATH= cd -- "$(dirname -- "$0")/.." >/dev/null && pwd)
 source "$REPO/scripts/common.sh"
 
 ARGS=()

@@ -6,11 +6,11 @@
 # with NNODES > 1), MASTER_PORT (default: a free port on one node, 29500 across nodes), CONFIG, DATA, OUTPUT.
 # Extra args go to lgd.train. Relative paths count from the current directory.
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(CDPATH= cd -- "$(dirname -- "$0")/.." >/dev/null && pwd)
 source "$REPO/scripts/common.sh"
 
 ARGS=()
-if [[ -z "${DATA:-}" && -z "${CONFIG:-}" ]]; then
+if [[ -z "${DATA:-}" && -z "${CONFIG:-}" ]] && ! has_flag --data --config -- "$@"; then
   CONFIG=$REPO/configs/toyworld.yaml
   echo "No DATA given: running the built-in toy world ($CONFIG). Set DATA=/path/to/imagenet for real runs."
   ARGS+=(--output "${OUTPUT:-$REPO/runs/toyworld}")

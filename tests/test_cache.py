@@ -172,7 +172,7 @@ def test_interrupted_build_resumes_without_mixing(world: dict[str, Path], built:
     with pytest.raises(LGDError, match="incomplete"):
         open_teacher_cache(out, visual=_visual(world["teacher"]), folder=folder, image_size=SIZE, min_scale=MIN_SCALE)
 
-    with pytest.raises(LGDError, match="computed by a float32 teacher.*--teacher-dtype fp32"):
+    with pytest.raises(LGDError, match="computed by a fp32 teacher.*--teacher-dtype fp32"):
         _build(world, out, "--teacher-dtype", "fp16")  # chunks of another precision would be mixed in
     with open(out / ".build.lock", "w") as other_build:
         fcntl.flock(other_build, fcntl.LOCK_EX | fcntl.LOCK_NB)

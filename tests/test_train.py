@@ -112,6 +112,7 @@ def test_resume_after_an_epoch_is_bit_identical(toy_world, mini_world, tmp_path)
     split_records = (split / "log.jsonl").read_text().splitlines()
     strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
     assert strip(split_records) == strip(full_records)
+    assert (split / "log.dropped.jsonl").read_text().splitlines() == [*crashed, crashed[-1][:20]]  # kept aside
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_world, mini_world, tmp_path):

@@ -427,7 +427,7 @@ def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str])
         print(f"{task.name}: {len(task.train_set)} training images; {per_epoch} steps/epoch x {cfg.epochs} epochs, "
               f"batch {cfg.batch_size} on {du.world_size()} process(es), {device}, amp={autocast}")
 
-    log = RunLog(out, du.is_main())
+    log = RunLog(out, du.is_main(), state.step)
     stop = StopRequested()
     first_epoch = state.epoch
     last = out / "checkpoint_last.pth"
