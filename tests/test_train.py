@@ -255,3 +255,33 @@ def test_unreadable_images_are_skipped_and_counted(toy_world, mini_world, tmp_pa
             (class_dir / f"broken{i}.png").write_bytes(b"")
     with pytest.warns(UserWarning):
         expect_user_error(capsys, [*mini_args(toy_world, data, tmp_path / "bad"), "--epochs", "1"], "unreadable images")
+
+
+def test_launcher_picks_the_rendezvous(tmp_path):
+    """scripts/train.sh: one node gets a free port (--standalone), several nodes must name node 0 and their rank,
+    and arguments that choose a config or data replace the toy-world default."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("torchrun", "python"):
+        (fake / tool).write_text(f'#!/bin/sh\necho "{tool} $*"\n')
+        (fake / tool).chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("DATA", "CONFIG", "OUTPUT", "NNODES", "NODE_RANK",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    base["PATH"] = f"{fake}{os.pathsep}{os.environ['PATH']}"
+
+    def launch(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(REPO / "scripts" / "train.sh"), *args], env={**base, **env}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    single = launch(NPROC="2", DATA="d")
+    assert single.stdout.splitlines()[-1] == "torchrun --standalone --nproc_per_node 2 -m lgd.train --data d"
+    pinned = launch(NPROC="2", DATA="d", MASTER_PORT="29555")
+    assert "--master_port 29555" in pinned.stdout and "--standalone" not in pinned.stdout
+    lost = launch(NPROC="8", NNODES="2", DATA="d")
+    assert lost.returncode == 2 and "needs MASTER_ADDR" in lost.stderr and "torchrun" not in lost.stdout
+    nodes = launch(NPROC="8", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", DATA="d")
+    assert "--nnodes 2 --node_rank 1 --master_addr 10.0.0.1 --master_port 29500" in nodes.stdout
+    toy = launch(NPROC="1")
+    assert toy.stdout.splitlines()[-1] == (f"python -m lgd.train --output {REPO / 'runs' / 'toyworld'} "
+                                           f"--config {REPO / 'configs' / 'toyworld.yaml'}")
+    assert launch("--config", "mine.yaml", NPROC="1").stdout.splitlines()[-1] == "python -m lgd.train --config mine.yaml"
