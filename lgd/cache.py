@@ -347,20 +347,20 @@ def _build_lock(out: Path, device: torch.device) -> IO[str] | None:
     return handle
 
 
-# How the teacher computed a cache's embeddings (FrozenTeacher: CLIP's mixed precision below fp32), and the flag
-# that selects it again. Caches of lgd before 2026-11-28 do not say: their fp16 teachers were fully half().
-PRECISION_FLAGS = {"fp32": "fp32", "clip-mixed-fp16": "fp16", "clip-mixed-bf16": "bf16"}
+TEACHER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --teacher-dtype
 
 
-def _precision_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "clip-mixed-fp16", torch.bfloat16: "clip-mixed-bf16"}[dtype]
+def _precision_name(flag: str) -> str:
+    """How the teacher computes a cache's embeddings (FrozenTeacher: CLIP's mixed precision below fp32). Caches
+    of lgd before 2026-11-28 do not say: their fp16 teachers were converted whole, with ``half()``."""
+    return flag if flag == "fp32" else f"clip-mixed-{flag}"
 
 
-def _teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+def _teacher_flag(name: str, device: torch.device) -> str:
     """``auto``: fp16 on GPU, as a training run with AMP runs the teacher (the stored embeddings are fp16 anyway)."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+        return "fp16" if device.type == "cuda" else "fp32"
+    return name
 
 
 def _check_config(cfg: CacheConfig) -> None:
@@ -393,7 +393,8 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
     del clip_model
     check_teacher_resolution(visual, cfg.image_size, teacher_name)
     view = MocoV2View(cfg.image_size, "clip", cfg.min_crop_scale)
-    dtype = _teacher_dtype(cfg.teacher_dtype, device)
+    flag = _teacher_flag(cfg.teacher_dtype, device)
+    dtype = TEACHER_DTYPES[flag]
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -406,7 +407,7 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
         "chunk_images": cfg.chunk_images,
         "record_dtype": str(record_dtype(embed_dim).descr),
         "built": {"root": str(folder.root), "teacher_dtype": str(dtype).removeprefix("torch."),
-                  "teacher_precision": _precision_name(dtype), "torch": torch.__version__,
+                  "teacher_precision": _precision_name(flag), "torch": torch.__version__,
                   "torchvision": torchvision.__version__, "pillow": PIL.__version__},
     }
     out = Path(cfg.output)
@@ -435,7 +436,8 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
         if missing and len(missing) < cache.num_chunks and built_with != this_run:
             raise LGDError(f"the chunks already in {out} were computed by a {built_with or 'half()-converted fp16'} "
                            f"teacher, this command runs a {this_run} one, and one cache must hold one precision: "
-                           + (f"add --teacher-dtype {PRECISION_FLAGS[built_with]}" if built_with in PRECISION_FLAGS
+                           + (f"add --teacher-dtype {built_with.removeprefix('clip-mixed-')}"
+                              if built_with and built_with.removeprefix("clip-mixed-") in TEACHER_DTYPES
                               else "delete the folder to rebuild it"))
         mine = missing[du.rank()::du.world_size()]
         per_batch = max(1, cfg.batch_size // cfg.views)
