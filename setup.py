@@ -30,8 +30,11 @@ setup(
     extras_require={
         # open_clip_torch is the independent oracle for CLIP parity tests; mmengine parses the
         # OpenMMLab configs (it resolves `mmdet::`/`mmseg::` bases through pkg_resources, which
-        # setuptools 81 removed); pycocotools computes COCO AP in the transfer tests.
-        "test": ["pytest", "open_clip_torch", "mmengine", "setuptools<81", "pycocotools"],
+        # setuptools 81 removed); mmdet and mmsegmentation (with mmcv-lite: full mmcv has no wheels)
+        # are the real base configs and backbones our configs and conversions are checked against;
+        # pycocotools computes COCO AP in the transfer tests.
+        "test": ["pytest", "open_clip_torch", "mmengine", "setuptools<81", "pycocotools",
+                 "mmcv-lite==2.1.0", "mmdet==3.3.0", "mmsegmentation==1.2.2"],
         "coco": ["pycocotools"],
     },
 )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import os
 import re
 import sys
@@ -229,12 +230,13 @@ def split_classifier(arch: str, sd: StateDict) -> tuple[StateDict, list[str]]:
 def verify_torchvision_load(arch: str, sd: StateDict, what: str = "the state_dict") -> str:
     """Load ``sd`` into ``torchvision.models.get_model(arch)`` and require that every backbone tensor matches.
 
-    The classifier may be present or absent. Returns the one-line report the tools print.
+    The classifier may be present or absent, for any number of classes (a fine-tuned model's is set aside
+    unread). Returns the one-line report the tools print.
     """
     backbone, classifier = split_classifier(arch, sd)
     model = torchvision.models.get_model(arch, weights=None)
     try:
-        result = model.load_state_dict(sd, strict=False)
+        result = model.load_state_dict(backbone, strict=False)
     except RuntimeError as err:  # shape mismatches raise even when strict=False
         raise LGDError(f"{what} does not load into torchvision {arch}: {err}") from None
     head = f"{classifier_name(arch)}."
@@ -374,16 +376,41 @@ def _problems(sd: StateDict, expected: Shapes, what: str, ignore_missing_counter
         raise LGDError(f"{what}: " + "; ".join(problems) + "." + hint)
 
 
-def check_mm_checkpoint(path: str | os.PathLike, layout: str, arch: str) -> str:
+def check_mm_checkpoint(path: str | os.PathLike, layout: str, arch: str,
+                        config: str | os.PathLike | None = None) -> str:
     """Fail unless ``path`` fills every tensor of the OpenMMLab ``layout`` backbone ``arch`` of our configs.
 
-    Mirrors what mmengine will see; a missing ``num_batches_tracked`` is allowed (mmengine ignores it).
+    Mirrors what mmengine will see; a missing ``num_batches_tracked`` is allowed (mmengine ignores it). With
+    ``config``, the expected tensors are those of the backbone that the installed OpenMMLab builds from it, so
+    the check does not rest on our own key mapping alone (a module renamed by a new release is caught).
     """
     expected = expected_mm_keys(layout, arch)
+    against = "expected"
+    if config is not None:
+        expected, against = openmmlab_backbone_shapes(config, layout), f"{layout}'s own, as {config} builds it,"
     sd = mm_visible_state_dict(safe_load(path), str(path))
     _problems(sd, expected, f"{path} does not fit the {layout} {arch} backbone (OpenMMLab would silently keep "
               "random weights for what is missing)", ignore_missing_counters=True)
-    return f"{path} fits the {layout} {arch} backbone: all {len(expected)} tensors present with the expected shapes"
+    return f"{path} fits the {layout} {arch} backbone: all {len(expected)} tensors present with the {against} shapes"
+
+
+def openmmlab_backbone_shapes(config: str | os.PathLike, layout: str) -> Shapes:
+    """The tensors (names and shapes) of the backbone that ``config`` builds with the installed ``layout``
+    package (weights not loaded: ``init_cfg`` and ``pretrained`` are dropped, nothing is read from disk)."""
+    _check_layout(layout)
+    backbone = _mm_backbone(config, layout)[1]  # a config of ours: Pretrained from $LGD_BACKBONE_CKPT, known arch
+    backbone.pop("init_cfg", None)
+    backbone.pop("pretrained", None)
+    try:
+        from mmengine.registry import DefaultScope
+        registry = importlib.import_module(f"{layout}.registry").MODELS
+        importlib.import_module(f"{layout}.models")  # registers the backbones
+    except Exception as err:  # ImportError, or a version assert of mmcv inside the package
+        raise LGDError(f"building the backbone of {config} needs an importable {layout} (with mmcv): "
+                       f"{type(err).__name__}: {err}") from None
+    with contextlib.redirect_stdout(sys.stderr), DefaultScope.overwrite_default_scope(layout):
+        module = registry.build(backbone)
+    return {key: value.shape for key, value in module.state_dict().items()}
 
 
 @contextlib.contextmanager
@@ -403,6 +430,11 @@ def arch_from_mm_config(config: str | os.PathLike, layout: str | None = None) ->
     """The student arch whose weights an OpenMMLab config's backbone takes, checked to be loaded from
     ``$LGD_BACKBONE_CKPT`` (and, given ``layout``, to be a config of that package). Parses with mmengine,
     which comes with OpenMMLab."""
+    return _mm_backbone(config, layout)[0]
+
+
+def _mm_backbone(config: str | os.PathLike, layout: str | None) -> tuple[str, dict[str, Any]]:
+    """``(arch, model.backbone)`` of an OpenMMLab config of ours (see :func:`arch_from_mm_config`)."""
     try:
         from mmengine.config import Config
     except ImportError:
@@ -446,7 +478,7 @@ def arch_from_mm_config(config: str | os.PathLike, layout: str | None = None) ->
     else:
         raise LGDError(f"{config}: backbone type {kind!r} has no LGD conversion (ResNet or MobileNetV2)")
     _check_mm_arch(arch)
-    return arch
+    return arch, dict(backbone)
 
 
 def prepare_for_mm(
@@ -500,10 +532,12 @@ def add_check_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ckpt", help="the checkpoint the OpenMMLab config will load")
     parser.add_argument("--layout", required=True, choices=MM_LAYOUTS)
     parser.add_argument("--arch", required=True, choices=MM_ARCHES)
+    parser.add_argument("--config", help="also build this config's backbone with the installed OpenMMLab and "
+                                         "check against its real tensors (what run.sh does)")
 
 
 def run_check(args: argparse.Namespace) -> None:
-    print(check_mm_checkpoint(args.ckpt, args.layout, args.arch))
+    print(check_mm_checkpoint(args.ckpt, args.layout, args.arch, args.config))
 
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> None:

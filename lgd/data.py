@@ -121,6 +121,19 @@ def image_folder(root: str | os.PathLike) -> datasets.ImageFolder:
         raise LGDError(f"{root} is not an ImageFolder (class sub-folders holding images): {err}") from None
 
 
+def train_val_folders(root: Path) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """``root/train`` and ``root/val``, which must have the same class folders (labels are folder positions)."""
+    train, val = image_folder(root / "train"), image_folder(root / "val")
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        differ = [f"only in train/: {', '.join(only_train[:5])}{' ...' if len(only_train) > 5 else ''}"] if only_train else []
+        differ += [f"only in val/: {', '.join(only_val[:5])}{' ...' if len(only_val) > 5 else ''}"] if only_val else []
+        raise LGDError(f"{root / 'train'} and {root / 'val'} must have the same class folders "
+                       f"({len(train.classes)} vs {len(val.classes)} classes; {'; '.join(differ)})")
+    return train, val
+
+
 class SeededImageFolder(Dataset):
     """An ImageFolder indexed by ``(index, epoch)`` whose transform is seeded from that key.
 

@@ -3,12 +3,14 @@
 The trees are what ``torchvision.datasets.ImageFolder`` reads (``DST/{train,val}/<class>/<image>``).
 Re-running a tool is safe: an entry that already points at (or equals) the right file is kept, anything
 else in the way is an error unless ``force`` is set, and nothing is written before the whole tree has
-been checked. ``force`` replaces or removes files, links and folders of links; it never deletes a folder
-that holds files.
+been checked. ``force`` replaces or removes links, folders of links and the copies a tool made (listed with
+their size and time in ``DST/.lgd-copies.json``, and unchanged since); a file it did not make is never
+deleted or overwritten, unless it is identical to the source that replaces it.
 """
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import random
 import re
@@ -25,6 +27,7 @@ from .errors import LGDError
 
 CALTECH_DIRNAME = "256_ObjectCategories"
 CALTECH_CLASS = re.compile(r"^\d{3}\.\S")  # 001.ak47, 253.faces-easy-101
+COPIES_RECORD = ".lgd-copies.json"  # DST-relative path -> [size, mtime_ns] of every copy a tool made
 
 
 @dataclass(frozen=True)
@@ -95,20 +98,49 @@ def _rng(seed: int, name: str) -> random.Random:
 
 
 # ------------------------------------------------------------------------------------------ materialise
-def _is_folder_of_links(path: Path) -> bool:
-    """What ``force`` may delete: a real folder that holds nothing but links."""
-    return path.is_dir() and not path.is_symlink() and all(p.is_symlink() for p in path.iterdir())
+class Copies:
+    """The copies a tool made in ``dst`` (``COPIES_RECORD``): only those may be replaced or removed, and only
+    while their size and modification time are still the recorded ones (nobody has edited them since)."""
+
+    def __init__(self, dst: Path) -> None:
+        self.dst = dst
+        path = dst / COPIES_RECORD
+        self.made: dict[str, list[int]] = json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def _key(self, path: Path) -> str:
+        return path.relative_to(self.dst).as_posix()
+
+    def ours(self, path: Path) -> bool:
+        return path.is_file() and not path.is_symlink() and self.made.get(self._key(path)) == self._stamp(path)
+
+    def save(self, copied: Iterable[Path]) -> None:
+        """Record ``copied`` (this run's copies) and keep the earlier records that still hold."""
+        made = {key: stamp for key, stamp in self.made.items() if self.ours(self.dst / key)}
+        made.update({self._key(path): self._stamp(path) for path in copied})
+        if made or (self.dst / COPIES_RECORD).exists():
+            atomic_write_text(self.dst / COPIES_RECORD, json.dumps(made, indent=0, sort_keys=True) + "\n")
 
 
-def _remove_folder_of_links(path: Path) -> None:
-    for link in path.iterdir():
-        link.unlink()
+def _is_removable_folder(path: Path, copies: Copies) -> bool:
+    """What ``force`` may delete: a real folder that holds nothing but links and the tools' own copies."""
+    return path.is_dir() and not path.is_symlink() and all(p.is_symlink() or copies.ours(p) for p in path.iterdir())
+
+
+def _remove_folder(path: Path) -> None:
+    for entry in path.iterdir():
+        entry.unlink()
     path.rmdir()
 
 
-def _entry_state(entry: Entry, copy: bool) -> str:
+def _entry_state(entry: Entry, copy: bool, copies: Copies) -> str:
     """``missing``, ``ok``, ``conflict`` (in the way, but replacing it loses nothing) or ``blocked`` (a folder,
-    or, when linking, a regular file that is not a copy of its source: it may be someone's only copy)."""
+    or a regular file that this tool did not make and that is not a copy of its source: it may be someone's
+    only copy)."""
     dst = entry.dst
     if not dst.is_symlink() and not dst.exists():
         return "missing"
@@ -117,12 +149,12 @@ def _entry_state(entry: Entry, copy: bool) -> str:
             return "ok" if os.path.realpath(dst) == os.path.realpath(entry.src) else "conflict"
         return "conflict"
     if dst.is_dir():  # a folder of links where a link to a folder goes (growing a subset to all classes)
-        return "conflict" if entry.is_dir and _is_folder_of_links(dst) else "blocked"
-    if not copy:
-        return "conflict" if dst.is_file() and filecmp.cmp(entry.src, dst, shallow=False) else "blocked"
-    if dst.is_file() and filecmp.cmp(entry.src, dst, shallow=True):
+        return "conflict" if entry.is_dir and _is_removable_folder(dst, copies) else "blocked"
+    if copy and dst.is_file() and filecmp.cmp(entry.src, dst, shallow=True):
         return "ok"
-    return "conflict"
+    if dst.is_file() and (copies.ours(dst) or filecmp.cmp(entry.src, dst, shallow=False)):
+        return "conflict"
+    return "blocked"
 
 
 def _place(entry: Entry, copy: bool) -> None:
@@ -143,9 +175,10 @@ def _place(entry: Entry, copy: bool) -> None:
 def materialise(plan: Sequence[Entry], managed: Iterable[Path], summary: Summary, force: bool) -> Summary:
     """Make ``plan`` real. ``managed`` folders hold exactly what the plan puts there: anything else in them
     is stale (e.g. from a run with another seed) and is an error unless ``force`` removes it. ``force``
-    removes links, folders of links and, when copying, files; a link run replaces a regular file only by a
-    link to an identical source, and a folder holding files is never deleted."""
+    removes links, folders of links and the tools' own unchanged copies; any other regular file is replaced
+    only by an identical source, and a folder holding such files is never deleted."""
     copy = summary.copy
+    copies = Copies(summary.dst)
     managed = sorted(set(managed), key=lambda p: (len(p.parts), str(p)))
     expected: dict[Path, set[str]] = {d: set() for d in managed}
     for entry in plan:
@@ -161,8 +194,8 @@ def materialise(plan: Sequence[Entry], managed: Iterable[Path], summary: Summary
     def behind_link(path: Path) -> bool:
         return any(link in path.parents for link in linked)
 
-    states = ["missing" if behind_link(e.dst) else _entry_state(e, copy) for e in plan]
-    blocked = [f"{e.dst} is a {'folder' if e.dst.is_dir() else 'file, not a link, nor a copy of ' + str(e.src)}"
+    states = ["missing" if behind_link(e.dst) else _entry_state(e, copy, copies) for e in plan]
+    blocked = [f"{e.dst} is a {'folder' if e.dst.is_dir() else 'file this tool did not make, nor a copy of ' + str(e.src)}"
                for e, s in zip(plan, states) if s == "blocked"]
     differ = [f"{e.dst} (not {'a copy of' if copy and not e.is_dir else 'a link to'} {e.src})"
               for e, s in zip(plan, states) if s == "conflict"]
@@ -175,14 +208,14 @@ def materialise(plan: Sequence[Entry], managed: Iterable[Path], summary: Summary
         for child in sorted(d.iterdir()):
             if child.name in expected[d]:
                 continue
-            if child.is_symlink() or (copy and not child.is_dir()):
+            if child.is_symlink() or copies.ours(child):
                 stale.append(child)
             elif not child.is_dir():
-                blocked.append(f"{child} is a file, not a link")
-            elif _is_folder_of_links(child):
+                blocked.append(f"{child} is a file this tool did not make")
+            elif _is_removable_folder(child, copies):
                 stale_dirs.append(child)
             else:
-                blocked.append(f"{child} holds files that this run does not make")
+                blocked.append(f"{child} holds files that this tool did not make")
     if blocked:
         raise LGDError(
             f"{len(blocked)} entries are in the way and are never removed, even with --force (delete them by "
@@ -201,21 +234,27 @@ def materialise(plan: Sequence[Entry], managed: Iterable[Path], summary: Summary
         path.unlink()
         summary.removed += 1
     for folder in stale_dirs:
-        _remove_folder_of_links(folder)
+        _remove_folder(folder)
         summary.removed += 1
     for d in managed:
         d.mkdir(parents=True, exist_ok=True)
     verb = "copying" if copy else "linking"
-    for entry, state in tqdm(list(zip(plan, states)), desc=verb, unit="file", disable=None, leave=False):
-        if state == "ok":
-            summary.kept += 1
-            continue
-        entry.dst.parent.mkdir(parents=True, exist_ok=True)
-        if state == "conflict" and _is_folder_of_links(entry.dst):
-            _remove_folder_of_links(entry.dst)
-        _place(entry, copy)
-        summary.made += state == "missing"
-        summary.replaced += state == "conflict"
+    copied: list[Path] = []
+    try:
+        for entry, state in tqdm(list(zip(plan, states)), desc=verb, unit="file", disable=None, leave=False):
+            if copy and not entry.is_dir:
+                copied.append(entry.dst)  # kept or made: a copy of its source either way
+            if state == "ok":
+                summary.kept += 1
+                continue
+            entry.dst.parent.mkdir(parents=True, exist_ok=True)
+            if state == "conflict" and entry.dst.is_dir() and not entry.dst.is_symlink():
+                _remove_folder(entry.dst)
+            _place(entry, copy)
+            summary.made += state == "missing"
+            summary.replaced += state == "conflict"
+    finally:  # an interrupted run still records the copies it made
+        copies.save(p for p in copied if p.is_file() and not p.is_symlink())
     return summary
 
 

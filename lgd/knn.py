@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from . import distributed as du
 from .checkpoint import atomic_write_json
 from .config import opt, parse_config
-from .data import NORMALIZATIONS, eval_transform, image_folder, loader_workers
+from .data import NORMALIZATIONS, eval_transform, loader_workers, train_val_folders
 from .errors import LGDError, cli_entry
 from .evaluate import embed_dataset, topk_accuracy
 
@@ -65,6 +65,18 @@ def vote(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature
     return scores.scatter_add_(1, labels, ((sims - best) / temperature).exp())
 
 
+def knn_accuracy(sims: torch.Tensor, labels: torch.Tensor, query_labels: torch.Tensor, num_classes: int,
+                 temperature: float) -> dict[int, float]:
+    """Top-1/top-5 (%) of the vote; a query whose class is not among its neighbours is a miss at every k.
+
+    With 20 neighbours a query often meets fewer than 5 classes; a plain top-5 over the class scores would
+    fill the rest with zero-vote classes in index order and credit the low-index ones for free.
+    """
+    voted = (labels == query_labels.unsqueeze(1)) & torch.isfinite(sims)
+    scored = torch.where(voted.any(1), query_labels, torch.full_like(query_labels, -1))
+    return topk_accuracy(vote(sims, labels, num_classes, temperature).cpu(), scored.cpu())
+
+
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
                k: int = 20, temperature: float = 0.07, chunk_size: int = 1024) -> torch.Tensor:
     """Weighted kNN class scores [M, C] of ``test_feats`` against one in-memory bank."""
@@ -104,7 +116,7 @@ def knn_monitor(features: Callable[[torch.Tensor], torch.Tensor], bank_loader: D
         sims = du.all_gather_cat(sims).view(world, *sims.shape)
         neighbour_labels = du.all_gather_cat(neighbour_labels).view(world, *neighbour_labels.shape)
         sims, neighbour_labels = merge_nearest(sims, neighbour_labels, k)
-    acc = topk_accuracy(vote(sims, neighbour_labels, num_classes, temperature).cpu(), labels.cpu())
+    acc = knn_accuracy(sims, neighbour_labels, labels, num_classes, temperature)
     return {"knn_top1": acc[1], "knn_top5": acc[5]}
 
 
@@ -144,10 +156,7 @@ def knn(cfg: KnnConfig) -> dict[str, Any]:
     loaded = load_backbone(cfg.checkpoint, cfg.arch, cfg.data)
     root = resolve_data(cfg.data)
     image_size = cfg.image_size or loaded.image_size or 224
-    bank_set, query_set = image_folder(root / "train"), image_folder(root / "val")
-    if bank_set.classes != query_set.classes:
-        raise LGDError(f"{root / 'train'} and {root / 'val'} must have the same class folders "
-                       f"({len(bank_set.classes)} vs {len(query_set.classes)} classes)")
+    bank_set, query_set = train_val_folders(root)
     restrict(bank_set, balanced_subset(bank_set.targets, cfg.train_fraction, cfg.seed))
     bank_set.transform = query_set.transform = eval_transform(image_size, cfg.norm)
     loaders = [DataLoader(du.shard(s), batch_size=cfg.batch_size, num_workers=loader_workers(cfg.workers),

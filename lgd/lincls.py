@@ -35,7 +35,7 @@ from .checkpoint import atomic_torch_save, atomic_write_json, backbone_state_dic
 from .config import opt, parse_config, save_config
 from .convert import split_classifier, verify_torchvision_load
 from .data import (NORMALIZATIONS, VIEW_INTERPOLATION, EpochSampler, SeededImageFolder, eval_transform, ignore_stop_signals,
-                   image_folder, loader_workers, normalization, sample_seed)
+                   loader_workers, normalization, sample_seed, train_val_folders)
 from .errors import LGDError, cli_entry
 from .evaluate import accuracy_from_hits, topk_hits
 from .models import build_backbone
@@ -61,6 +61,8 @@ class LinclsConfig:
     cached_features: bool = field(default=False, metadata=opt("extract backbone features once to a memory-mapped file"))
     cached_views: int = field(default=0, metadata=opt("with --cached-features: 0 = one center crop per image, "
                                                        "N = N fixed augmented views (N x images x width x 4 bytes on disk)"))
+    feature_cache: str = field(default="", metadata=opt("folder of the cached features ('' = OUTPUT/features); probes "
+                                                         "sharing one extract each backbone's features once"))
     epochs: int = field(default=100, metadata=opt("training epochs"))
     batch_size: int = field(default=256, metadata=opt("global batch size (split over all ranks)"))
     base_lr: float = field(default=30.0, metadata=opt("learning rate per 256 images (lr = base_lr * batch/256)"))
@@ -234,10 +236,11 @@ def _file_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def feature_cache_path(out: Path, split: str, identity: dict[str, Any]) -> Path:
-    """``<out>/features/<split>-<key>.npy``; the key changes with anything that changes the features."""
+def feature_cache_path(folder: Path, split: str, identity: dict[str, Any]) -> Path:
+    """``<folder>/<split>-<key>.npy``; the key changes with anything that changes the features (and nothing
+    else: probes of one backbone with other learning rates or seeds of a center-crop run share the file)."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return out / "features" / f"{split}-{key}.npy"
+    return folder / f"{split}-{key}.npy"
 
 
 @torch.no_grad()
@@ -251,12 +254,15 @@ def extract_features(backbone: FrozenBackbone, feature_dim: int, dataset: Seeded
     of an unreadable image holds the next readable image, so its label is stored with it (``*.labels.npy``)
     rather than taken from the folder's list.
 
-    Every rank fills its own rows of shared temporary files; rank 0 renames them when all are done (labels
-    first), so a features file under the final name is always complete and a later run reuses it.
+    Every rank fills its own rows of temporary files named by this run's token; rank 0 renames them when all
+    are done (labels first), so a features file under the final name is always complete, a later run reuses
+    it, and two runs extracting into one shared folder at once do not write into each other's files.
     """
     labels_path = path.with_name(f"{path.stem}.labels.npy")
     if not path.is_file():
-        tmp, labels_tmp = path.with_name(f".{path.stem}.tmp.npy"), path.with_name(f".{path.stem}.labels.tmp.npy")
+        token = int(du.broadcast(torch.tensor([int.from_bytes(os.urandom(4), "little")], device=device)))
+        tmp = path.with_name(f".{path.stem}.tmp-{token}.npy")
+        labels_tmp = path.with_name(f".{path.stem}.labels.tmp-{token}.npy")
         if du.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             open_memmap(tmp, mode="w+", dtype=np.float32, shape=(max(1, views), len(dataset), feature_dim))
@@ -463,15 +469,18 @@ def build_data(cfg: LinclsConfig, root: Path, train_folder: datasets.ImageFolder
         common = {"checkpoint": _file_identity(Path(cfg.checkpoint)), "image_size": cfg.image_size, "norm": cfg.norm,
                   "autocast": str(autocast), "interpolation": VIEW_INTERPOLATION.value}
         train_images = SeededImageFolder(train_folder, augment if views else val_transform, cfg.seed)
-        identity = {**common, "split": str((root / "train").resolve()), "views": views, "seed": cfg.seed,
-                    "images": dataset_fingerprint(train_folder)}
+        folder = Path(cfg.feature_cache) if cfg.feature_cache else out / "features"
+        # The images (the seeded label subset) are in the fingerprint; the seed also draws augmented views.
+        identity = {**common, "split": str((root / "train").resolve()), "views": views,
+                    **({"seed": cfg.seed} if views else {}), "images": dataset_fingerprint(train_folder)}
         train_feats = extract_features(backbone, loaded.feature_dim, train_images, views,
-                                       feature_cache_path(out, "train", identity), local_batch, cfg.workers, device,
+                                       feature_cache_path(folder, "train", identity), local_batch, cfg.workers, device,
                                        autocast, "train features")
         identity = {**common, "split": str((root / "val").resolve()), "views": 0, "images": dataset_fingerprint(val_folder)}
         val_images = SeededImageFolder(val_folder, val_transform, cfg.seed, skip_unreadable=False)
-        val_feats = extract_features(backbone, loaded.feature_dim, val_images, 0, feature_cache_path(out, "val", identity),
-                                     local_batch, cfg.workers, device, autocast, "val features")
+        val_feats = extract_features(backbone, loaded.feature_dim, val_images, 0,
+                                     feature_cache_path(folder, "val", identity), local_batch, cfg.workers, device,
+                                     autocast, "val features")
         train_set: Dataset = CachedFeatures(*train_feats, cfg.seed)
         sampler = EpochSampler(train_set, du.world_size(), du.rank(), seed=cfg.seed)
         # batch_size=None: the dataset takes a whole batch of keys and slices the memory map once per batch.
@@ -502,14 +511,10 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
     loaded = load_backbone(cfg.checkpoint, cfg.arch, cfg.data)
     cfg = dataclasses.replace(cfg, image_size=cfg.image_size or loaded.image_size or 224)
     root = resolve_data(cfg.data)
-    train_folder, val_folder = image_folder(root / "train"), image_folder(root / "val")
-    if val_folder.classes != train_folder.classes:
-        raise LGDError(f"{root / 'train'} and {root / 'val'} must have the same class folders "
-                       f"({len(train_folder.classes)} vs {len(val_folder.classes)} classes)")
+    train_folder, val_folder = train_val_folders(root)
     out = Path(cfg.output)
     if du.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     autocast = amp_dtype(cfg, device)
     backbone = FrozenBackbone(loaded.module).to(device)
     subset = balanced_subset(train_folder.targets, cfg.train_fraction, cfg.seed)
@@ -522,6 +527,8 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
     state = ProbeState(fc, optimizer)
     identity = probe_identity(cfg, loaded.arch, classes)
     resume_probe(state, cfg, out, identity)
+    if du.is_main():  # only now: a refused resume must not overwrite the config of the run it refused
+        save_config(cfg, out / "config.yaml")
     model: nn.Module = fc
     if du.is_dist():
         model = DistributedDataParallel(fc, device_ids=[device.index] if device.type == "cuda" else None)

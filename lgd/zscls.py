@@ -205,6 +205,17 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
 
     autocast = amp_dtype(cfg, device)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=loader_workers(cfg.workers), pin_memory=device.type == "cuda")
+    # A CLIP tower takes only its own input resolution (fixed positional embeddings): the reference teacher sees
+    # the same images at that size when --image-size or a --teacher-model of another resolution differs.
+    teacher_size = getattr(clip_model.visual, "input_resolution", image_size) if cfg.teacher else image_size
+    teacher_loader = loader
+    if teacher_size != image_size:
+        print(f"note: the teacher {teacher_name} takes {teacher_size}px images: it is evaluated at {teacher_size}px, "
+              f"the student at {image_size}px")
+        teacher_set = image_folder(folder_path)
+        teacher_set.transform = eval_transform(teacher_size, cfg.norm)
+        teacher_loader = DataLoader(teacher_set, batch_size=cfg.batch_size, num_workers=loader_workers(cfg.workers),
+                                    pin_memory=device.type == "cuda")
     tsb_source = f"rebuilt by {teacher_name}" if rebuild else "of the checkpoint"
     if foreign:
         tsb_source += f"; the reference teacher {teacher_name} is not the student's and uses its own text bank"
@@ -221,7 +232,7 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
     teacher_per_class = None
     if cfg.teacher:
         teacher = FrozenTeacher(clip_model.visual, teacher_dtype(autocast, device)).to(device)
-        t_feats, _ = embed_dataset(teacher, loader, device, desc="zero-shot (teacher)")
+        t_feats, _ = embed_dataset(teacher, teacher_loader, device, desc="zero-shot (teacher)")
         t_logits = zero_shot_logits(t_feats, teacher_tsb)
         teacher_acc = topk_accuracy(t_logits, labels)
         teacher_per_class = per_class_accuracy(t_logits.argmax(1), labels, len(names))
@@ -234,6 +245,7 @@ def zscls(cfg: ZsclsConfig) -> dict[str, Any]:
         "num_classes": len(names), "num_images": len(dataset), "text": cfg.text or "checkpoint",
         "templates": cfg.templates or "checkpoint", "checkpoint": str(Path(cfg.checkpoint).resolve()),
         "teacher": teacher_name, "dataset": str(folder_path.resolve()), "image_size": image_size,
+        "teacher_image_size": teacher_size if cfg.teacher else None,
         "class_match": class_match,
         "per_class": [{"label": c, "folder": dataset.classes[c], "name": name, "images": int(counts[c]),
                        "student": student_per_class[c].item(),

@@ -4,7 +4,8 @@
 #   CKPT=runs/lgd_r18/checkpoint_last.pth [CONFIG=...] [GPUS=4] bash mmsegmentation/run.sh [train.py args]
 #
 # CKPT: LGD checkpoint or torchvision state_dict (required); CONFIG: default the ResNet-18 Cityscapes
-# config; GPUS: default 1; WORK_DIR: default work_dirs/<config name>; PYTHON: default python.
+# config; GPUS: default 1; WORK_DIR: default work_dirs/<config name>.
+# Runs under the `python` on PATH (the one `mim train` launches).
 # The converted, verified backbone goes to WORK_DIR; see tools/mm-train.sh and README.md.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

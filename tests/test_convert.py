@@ -23,6 +23,7 @@ from lgd.convert import (
 )
 from lgd.errors import LGDError
 from lgd.models import build_student, classifier_name
+from openmmlab_stand_in import import_openmmlab_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,9 +108,11 @@ def test_to_torchvision_refuses_a_wrong_state_dict(tmp_path, mnv2_tv):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
-def test_a_full_torchvision_model_loses_its_classifier(tmp_path, arch):
-    """ImageNet weights as a baseline come with their classifier: converted, it is dropped and said so."""
-    full = torchvision.models.get_model(arch, weights=None)
+@pytest.mark.parametrize("num_classes", [1000, 10])
+def test_a_full_torchvision_model_loses_its_classifier(tmp_path, arch, num_classes):
+    """ImageNet weights as a baseline, or a model fine-tuned to 10 classes, come with their classifier:
+    converted, it is dropped and said so, whatever its shape."""
+    full = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     torch.save(full.state_dict(), tmp_path / "full.pth")
     report = convert_to_torchvision(tmp_path / "full.pth", tmp_path / "out.pth", arch=arch)
     attr = classifier_name(arch)
@@ -298,14 +301,12 @@ def test_mnv2_tool_runs_as_a_script(tmp_path, mnv2_tv, monkeypatch, capsys):
 
 
 def _openmmlab_mobilenet_v2(layout: str):
-    """OpenMMLab's own MobileNetV2 where a full OpenMMLab install exists (never in CI: mmcv has no wheels)."""
-    try:
-        if layout == "mmdet":
-            from mmdet.models.backbones import MobileNetV2
-        else:
-            from mmseg.models.backbones import MobileNetV2
-    except Exception as err:  # ImportError, or mmcv's version asserts
-        pytest.skip(f"{layout} with compiled mmcv is not installed ({type(err).__name__})")
+    """OpenMMLab's own MobileNetV2 (the test extra installs mmdet and mmsegmentation, with mmcv-lite)."""
+    import_openmmlab_models(layout)
+    if layout == "mmdet":
+        from mmdet.models.backbones import MobileNetV2
+    else:
+        from mmseg.models.backbones import MobileNetV2
     return MobileNetV2
 
 

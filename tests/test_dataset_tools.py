@@ -114,8 +114,8 @@ def test_conflicting_link_is_an_error_unless_force_and_files_are_never_deleted(c
     (dst / "train" / "056.dog" / "extra.jpg").write_text("mine too")
     with pytest.raises(LGDError, match="never removed, even with --force") as err:
         make_caltech_trainval(caltech, dst, per_class=3, force=True)
-    assert f"{victim} is a file, not a link, nor a copy" in str(err.value)
-    assert "extra.jpg is a file, not a link" in str(err.value)
+    assert f"{victim} is a file this tool did not make, nor a copy of" in str(err.value)
+    assert "extra.jpg is a file this tool did not make" in str(err.value)
     assert victim.read_text() == "mine" and (dst / "train" / "056.dog" / "extra.jpg").read_text() == "mine too"
     victim.unlink()
     (dst / "train" / "056.dog" / "extra.jpg").unlink()
@@ -134,6 +134,24 @@ def test_caltech_copy_mode(caltech, tmp_path):
     sample = copies[0]
     assert sample.read_text() == (caltech / "256_ObjectCategories" / sample.parent.name / sample.name).read_text()
     assert make_caltech_trainval(caltech, dst, per_class=5, copy=True).kept == len(copies)
+    # --force deletes only the copies the tool made: a user's file beside them, or a copy the user edited, stays.
+    mine = sample.parent / "mine.jpg"
+    mine.write_text("mine")
+    edited = copies[1]
+    edited.write_text("edited")
+    with pytest.raises(LGDError, match="never removed, even with --force") as err:
+        make_caltech_trainval(caltech, dst, per_class=5, seed=1, copy=True, force=True)
+    assert f"{mine} is a file this tool did not make" in str(err.value)
+    assert f"{edited} is a file this tool did not make" in str(err.value)
+    assert mine.read_text() == "mine" and edited.read_text() == "edited"
+    mine.unlink()
+    edited.unlink()
+    reseeded = make_caltech_trainval(caltech, dst, per_class=5, seed=1, copy=True, force=True)
+    assert reseeded.removed > 0  # the seed-0 copies that seed 1 puts in the other split
+    fresh = tmp_path / "fresh"
+    make_caltech_trainval(caltech, fresh, per_class=5, seed=1, copy=True)
+    assert sorted(p.relative_to(dst) for p in dst.rglob("*.jpg")) == sorted(p.relative_to(fresh) for p in fresh.rglob("*.jpg"))
+    make_caltech_trainval(caltech, dst, per_class=5, copy=True, force=True)  # back to seed 0
     with pytest.raises(LGDError, match="not a link to"):  # links wanted where copies are
         make_caltech_trainval(caltech, dst, per_class=5)
     summary = make_caltech_trainval(caltech, dst, per_class=5, force=True)  # identical copies: nothing is lost

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lgd.evaluate import topk_accuracy
-from lgd.knn import knn_scores, main, merge_nearest, nearest, vote
+from lgd.knn import knn_accuracy, knn_scores, main, merge_nearest, nearest, vote
 from lgd.models import build_backbone
 
 
@@ -70,6 +70,23 @@ def test_knn_separates_clusters():
     test_labels = torch.arange(5).repeat(4)
     test = centres[test_labels] + torch.randn(20, 16, generator=g)
     assert topk_accuracy(knn_scores(train, labels, test, 5), test_labels)[1] == 100.0
+
+
+def test_top5_credits_only_classes_among_the_neighbours():
+    """Two tight clusters of classes 8 and 9 in a 10-class bank: each query meets one class, so a plain top-5 over
+    the class scores also lists four zero-vote classes; queries of those classes must still be misses."""
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(2, 16, generator=g), dim=1) * 10
+    bank_labels = torch.tensor([8, 9]).repeat_interleave(20)
+    bank = centres[bank_labels - 8] + 0.1 * torch.randn(40, 16, generator=g)
+    queries = centres[torch.tensor([0, 1, 0])] + 0.1 * torch.randn(3, 16, generator=g)
+    sims, labels = nearest(bank, bank_labels, queries, k=20)
+    scores = vote(sims, labels, 10, 0.07)
+    free_rider = scores[2].topk(5).indices[-1]  # listed in query 2's top-5 with no vote
+    assert scores[2, free_rider] == 0
+    query_labels = torch.stack([torch.tensor(8), torch.tensor(9), free_rider])
+    assert topk_accuracy(scores, query_labels)[5] == 100.0  # the plain top-5 credits query 2
+    assert knn_accuracy(sims, labels, query_labels, 10, 0.07) == pytest.approx({1: 200 / 3, 5: 200 / 3})
 
 
 @pytest.mark.slow

@@ -5,12 +5,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+import yaml
 from PIL import Image
 
 from lgd.checkpoint import atomic_torch_save, safe_load
@@ -201,6 +203,63 @@ def test_unreadable_training_images_are_counted(tmp_path, capsys):
     assert "epoch 1: 1 unreadable training image(s) were replaced" in capsys.readouterr().out
 
 
+def test_a_shared_feature_cache_extracts_each_backbone_once(tmp_path):
+    """A sweep over lr and seed of a center-crop probe reuses the features; augmented views are other features."""
+    save_lgd_checkpoint(tmp_path / "lgd.pth", "resnet18")
+    noise_dataset(tmp_path / "data")
+    feats = tmp_path / "feats"
+    common = ["--checkpoint", str(tmp_path / "lgd.pth"), "--data", str(tmp_path / "data"), "--epochs", "1",
+              "--batch-size", "4", "--warmup-epochs", "0", "--workers", "0", "--cached-features",
+              "--feature-cache", str(feats)]
+    main([*common, "--output", str(tmp_path / "a")])
+    stamps = {p.name: p.stat().st_mtime_ns for p in feats.iterdir()}
+    assert len(stamps) == 4 and not any(name.startswith(".") for name in stamps)  # features + labels, train + val
+    main([*common, "--output", str(tmp_path / "b"), "--seed", "1", "--base-lr", "10"])
+    assert {p.name: p.stat().st_mtime_ns for p in feats.iterdir()} == stamps
+    assert not (tmp_path / "a" / "features").exists() and not (tmp_path / "b" / "features").exists()
+    main([*common, "--output", str(tmp_path / "c"), "--cached-views", "2"])
+    assert len(list(feats.iterdir())) == 6  # two augmented views per image: new train files, the same val files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["standard", "cached"])
+def test_two_processes_train_the_fc_one_process_trains(tmp_path, mode):
+    """torchrun with 2 gloo processes: the same global batches (the sampler interleaves ranks), gradients
+    averaged by DDP, the features memmap filled by both ranks, val counts summed. The fc ends as one
+    process's does (to float summation order) and the scores are equal."""
+    save_lgd_checkpoint(tmp_path / "lgd.pth", "resnet18")
+    noise_dataset(tmp_path / "data")
+    args = ["--checkpoint", str(tmp_path / "lgd.pth"), "--data", str(tmp_path / "data"), "--epochs", "3",
+            "--batch-size", "4", "--warmup-epochs", "1", "--lr-steps", "2", "--no-augment", "--workers", "0",
+            "--device", "cpu", "--cached-features" if mode == "cached" else "--no-cached-features"]
+    single = main([*args, "--output", str(tmp_path / "single")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lgd.lincls",
+           *args, "--output", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ddp = json.loads((tmp_path / "ddp" / "lincls_metrics.json").read_text())
+    assert ddp["num_val_images"] == single["num_val_images"] == 4 and ddp["num_train_images"] == 12
+    assert (ddp["top1"], ddp["top5"]) == (single["top1"], single["top5"])
+    a, b = (safe_load(tmp_path / run / "lincls_last.pth")["fc"] for run in ("single", "ddp"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    if mode == "cached":
+        assert sorted(p.name for p in (tmp_path / "ddp" / "features").iterdir()) == \
+            sorted(p.name for p in (tmp_path / "single" / "features").iterdir())
+
+
+def test_train_and_val_with_other_class_folders_are_named(tmp_path, capsys):
+    """Same count, other names: labels would silently mean other classes; the error names the odd folders."""
+    save_lgd_checkpoint(tmp_path / "lgd.pth", "resnet18")
+    noise_dataset(tmp_path / "data")
+    (tmp_path / "data" / "val" / "b").rename(tmp_path / "data" / "val" / "c")
+    err = _error(capsys, ["--checkpoint", str(tmp_path / "lgd.pth"), "--data", str(tmp_path / "data"),
+                          "--workers", "0", "--output", str(tmp_path / "out")])
+    assert "must have the same class folders (2 vs 2 classes; only in train/: b; only in val/: c)" in err
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
 @pytest.mark.parametrize("mode", [[], ["--cached-features"]])
 def test_unreadable_validation_image_is_an_error_that_names_it(tmp_path, capsys, mode):
     """Both modes score every val image once: no stand-in image, no traceback."""
@@ -287,6 +346,7 @@ def test_resume_continues_exactly(toy_checkpoint, tmp_path, capsys):
     err = _error(capsys, ["--config", TOY_CONFIG, "--output", str(tmp_path / "split"), "--workers", "0", *args,
                           "--resume", "auto", "--batch-size", "128"])
     assert "cannot resume" in err and "batch_size" in err  # the schedule would bend
+    assert yaml.safe_load((tmp_path / "split" / "config.yaml").read_text())["batch_size"] == 256  # kept as it ran
     resumed = probe(tmp_path, "split", *args, "--resume", "auto")
     assert resumed["epochs"] == 4 and resumed["top1"] == whole["top1"] and resumed["complete"] is True
     a, b = (safe_load(tmp_path / run / "lincls_last.pth")["fc"] for run in ("whole", "split"))

@@ -1,14 +1,13 @@
 """The OpenMMLab configs in mmdetection/ and mmsegmentation/, and their run.sh.
 
-MMDetection/MMSegmentation cannot be installed here (mmcv 2.x has no wheels), but our configs inherit
-their base configs through mmengine's ``mmdet::``/``mmseg::`` scopes. So the configs are parsed by the real
-mmengine against a *stub* package tree that holds, under the real base-config paths, only the keys our
-configs override or must displace (values as in mmdet 3.3.0 / mmseg 1.2.2). What this proves: the files
-parse, the scoped base paths have the form mmengine resolves, overrides merge as intended (``_delete_``
-leaves no ResNet keys in a MobileNetV2), and widths match the real torchvision backbones. What it cannot
-prove: that the real bases still have those paths and keys. Where mmdet and mmsegmentation are installed
-(``pip install --no-deps mmdet mmsegmentation`` suffices: only their config files are read), every check
-also runs against the real OpenMMLab configs (the ``installed`` parameter).
+Our configs inherit their base configs through mmengine's ``mmdet::``/``mmseg::`` scopes. Every check runs
+against a *stub* package tree that holds, under the real base-config paths, only the keys our configs
+override or must displace (values as in mmdet 3.3.0 / mmseg 1.2.2): it proves the files parse, the scoped
+paths have the form mmengine resolves, overrides merge as intended (``_delete_`` leaves no ResNet keys in a
+MobileNetV2) and widths match the real torchvision backbones. Where mmdet and mmsegmentation are installed
+(the test extra installs them, with mmcv-lite), every check runs again against the real base configs (the
+``installed`` parameter), the converted checkpoints are checked against the backbones the real packages
+build, and run.sh runs with the real packages and a recording ``mim``.
 """
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ from lgd.checkpoint import atomic_torch_save  # noqa: E402
 from lgd.convert import CKPT_ENV, arch_from_mm_config, check_mm_checkpoint, mobilenet_v2_stages, prepare_for_mm  # noqa: E402
 from lgd.errors import LGDError  # noqa: E402
 from lgd.models import build_student  # noqa: E402
+from openmmlab_stand_in import import_openmmlab_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DET = REPO / "mmdetection" / "configs"
@@ -290,14 +290,31 @@ def test_prepare_converts_for_the_config_backbone(openmmlab, tmp_path):
     assert not (tmp_path / "work2" / "backbone_torchvision.pth").exists()
 
 
+@pytest.mark.skipif(not installed_openmmlab(), reason="building the backbones needs mmdet and mmsegmentation")
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_converted_checkpoint_fits_the_backbone_openmmlab_builds(path, tmp_path):
+    """run.sh's pre-flight: the checkpoint against the real backbone of the config, not our own key mapping."""
+    layout, arch = CONFIGS[path]
+    import_openmmlab_models(layout)
+    ckpt = tmp_path / "lgd.pth"
+    save_lgd(ckpt, arch)
+    _, converted, _ = prepare_for_mm(ckpt, path, layout, tmp_path / "work")
+    assert f"{layout}'s own" in check_mm_checkpoint(converted, layout, arch, config=path)
+    if arch == "mobilenet_v2":  # the torchvision names would leave OpenMMLab's MobileNetV2 random
+        with pytest.raises(LGDError, match="missing"):
+            check_mm_checkpoint(tmp_path / "work" / "backbone_torchvision.pth", layout, arch, config=path)
+
+
 # ----------------------------------------------------------------------------------------------- run.sh
 def fake_bin(tmp_path: Path) -> Path:
-    """A `mim` that records how it was called instead of training."""
+    """A `mim` that records how it was called instead of training, and this interpreter as `python` (the
+    interpreter run.sh checks and converts with, and the one the real `mim` would train with)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     mim = bin_dir / "mim"
     mim.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$LGD_BACKBONE_CKPT" "$@" > "$MIM_RECORD"\n')
     mim.chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
     return bin_dir
 
 
@@ -306,7 +323,7 @@ def run_script(script: Path, env: dict[str, str], *args: str) -> subprocess.Comp
 
 
 def test_run_sh_explains_how_to_install_openmmlab(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CKPT": __file__, "PYTHON": sys.executable}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CKPT": __file__}
     for script, package in ((REPO / "mmdetection" / "run.sh", "mmdet>=3.0.0"),
                             (REPO / "mmsegmentation" / "run.sh", "mmsegmentation>=1.0.0")):
         result = run_script(script, env)
@@ -323,25 +340,23 @@ def test_run_sh_requires_a_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_run_sh_converts_checks_and_launches(tmp_path):
-    """mmsegmentation/run.sh with a MobileNetV2 config, against stub OpenMMLab packages and a recording `mim`.
-
-    Needs pkg_resources in this interpreter, as mmengine does to resolve `mmseg::` (present in a venv of
-    Python <= 3.11 or with setuptools < 81).
-    """
-    if importlib.util.find_spec("pkg_resources") is None:
-        pytest.skip("pkg_resources is not installed (mmengine needs it to resolve scoped base configs)")
-    site = tmp_path / "site"
-    write_stub_openmmlab(site)
-    (site / "mmcv").mkdir()
-    (site / "mmcv" / "__init__.py").write_text("")
+    """mmsegmentation/run.sh with a MobileNetV2 config and the installed OpenMMLab: it converts, checks against
+    the backbone mmseg builds, and calls `mim` (a recording stand-in) as a user's shell would."""
+    if not installed_openmmlab():
+        pytest.skip("needs mmdet and mmsegmentation installed (the test extra), and pkg_resources")
+    import_openmmlab_models("mmseg")
+    site = tmp_path / "site"  # the interpreters run.sh starts import the mmcv-lite stand-in first
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("from openmmlab_stand_in import install_ops_stand_in\n"
+                                           "install_ops_stand_in()\n")
     ckpt = tmp_path / "my ckpt.pth"
     save_lgd(ckpt, "mobilenet_v2")
     record = tmp_path / "mim-call.txt"
     env = {
         "PATH": f"{fake_bin(tmp_path)}{os.pathsep}{os.environ['PATH']}",
         "HOME": str(tmp_path),
-        "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parent),
+                                       *filter(None, [os.environ.get("PYTHONPATH")])]),
         "CKPT": str(ckpt),
         "CONFIG": str(SEG / "fcn_mnv2-d8_4xb4-80k_ade20k-512x512_lgd.py"),
         "GPUS": "2",
@@ -355,4 +370,4 @@ def test_run_sh_converts_checks_and_launches(tmp_path):
     assert args == ["train", "mmseg", env["CONFIG"], "--gpus", "2", "--launcher", "pytorch", "--work-dir",
                     str(work_dir), "--seed", "0"]
     check_mm_checkpoint(backbone, "mmseg", "mobilenet_v2")
-    assert "fits the mmseg mobilenet_v2 backbone" in result.stdout
+    assert "fits the mmseg mobilenet_v2 backbone" in result.stdout and "mmseg's own" in result.stdout

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import yaml
 from PIL import Image
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lgd.checkpoint import atomic_torch_save
+from lgd.config import parse_config
 from lgd.errors import LGDError
 from lgd.models import build_student
 from lgd.transfer import detect, segment
@@ -274,6 +276,15 @@ def test_segment_resume_is_exact(ckpts: dict[str, Path], seg_data: Path, tmp_pat
     with pytest.raises(SystemExit):  # another backbone cannot continue this run
         segment.main([*args, "--output", str(tmp_path / "b"), "--resume", "auto",
                       "--backbone", str(ckpts["mobilenet_v2"])])
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["backbone"] == str(ckpts["resnet18"])
+    with pytest.raises(LGDError, match=r"recipe changed \(norm 'syncbn' -> 'frozen'; epochs 2 -> 3\)"):
+        segment.segment(parse_config(segment.SegmentConfig, [*args, "--output", str(tmp_path / "b"), "--resume",
+                                                             "auto", "--norm", "frozen", "--epochs", "3"]))
+    # Killed during the final evaluation: the checkpoint saved before it has no numbers of the last epoch.
+    last = tmp_path / "b" / "checkpoint_last.pth"
+    atomic_torch_save({**torch.load(last, weights_only=True), "metrics": {}}, last)
+    again = segment.main([*args, "--output", str(tmp_path / "b"), "--resume", "auto"])
+    assert again["metrics_epoch"] == 2 and again["mIoU"] == resumed["mIoU"] and again["steps"] == 2
 
 
 @pytest.mark.slow

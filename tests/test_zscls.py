@@ -131,6 +131,15 @@ def test_rebuilt_tsb_from_folder_names_gives_the_same_numbers(default_result, to
     assert result["teacher_top1"] is None and result["text"] == "folder"
 
 
+def test_student_at_another_resolution_keeps_the_teacher_at_its_own(default_result, toy_checkpoint, tmp_path):
+    """The toy CLIP takes 32 px only; a 48 px student evaluation still gives the teacher's 32 px reference."""
+    result = main(["--checkpoint", str(toy_checkpoint), "--data", "toy", "--image-size", "48",
+                   "--output", str(tmp_path), "--workers", "0"])
+    assert result["image_size"] == 48 and result["teacher_image_size"] == default_result["teacher_image_size"] == 32
+    assert result["teacher_top1"] == default_result["teacher_top1"]
+    assert result["teacher_top5"] == default_result["teacher_top5"]
+
+
 def test_align_classes_pairs_folders_with_names():
     assert align_classes(["n01440764", "n01443537"], ["tench", "goldfish"]) == ([0, 1], "wordnet ids")
     assert align_classes(["001.ak47", "015.bonsai-101"], ["ak47", "bonsai"]) == ([0, 1], "position")

@@ -3,8 +3,8 @@
 
 SRC is the folder of class folders (001.ak47/ ...) or its parent holding 256_ObjectCategories/. The tree is
 made of symbolic links (--copy to copy); re-running keeps correct entries and refuses to overwrite others
-unless --force (which never deletes a folder holding files, nor, when linking, a file that is not an
-identical copy of its source). Class folders keep their numbered names, so
+unless --force (which removes links and the tool's own unchanged copies, never a file it did not make
+unless identical to its source). Class folders keep their numbered names, so
 ImageFolder's class order is Caltech's and matches tools/get-caltech-classnames.py.
 """
 from __future__ import annotations

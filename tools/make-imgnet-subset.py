@@ -8,8 +8,8 @@ which needs the validation images sorted into class folders. --shots 13 / 128 gi
 labels; these are seeded draws, not the fixed 1 %/10 % image lists of the semi-supervised literature.
 
 Symbolic links by default (--copy to copy); re-running keeps correct entries and refuses to overwrite
-others unless --force (which never deletes a folder holding files, nor, when linking, a file that is not an
-identical copy of its source).
+others unless --force (which removes links and the tool's own unchanged copies, never a file it did not make
+unless identical to its source).
 """
 from __future__ import annotations
 

@@ -42,6 +42,11 @@ CHECKPOINT_VERSION = 1
 NORMS = ("frozen", "bn", "syncbn")
 SCHEDULES = ("step", "cosine", "poly")
 STEP_MILESTONES = (8 / 12, 11 / 12)  # the 1x/2x/3x convention: x0.1 at epochs 8 and 11 of 12 (16, 22 of 24)
+# Keys a resumed run must share with its checkpoint: they shape the model, the data order or the schedule, or
+# live in the optimizer state that a resume restores (a new value would be silently ignored). Paths, intervals,
+# workers, precision, lr, backbone_lr_mult and clip_grad (applied afresh every step) may change.
+RECIPE_KEYS = ("normalization", "momentum", "warmup_ratio", "seed", "norm", "trainable_layers", "optimizer",
+               "weight_decay", "schedule", "warmup_iters", "epochs", "batch_size")
 
 
 
@@ -267,6 +272,7 @@ class Task:
     evaluate: Callable[[nn.Module, torch.device, torch.dtype | None], dict[str, Any]]
     meta: dict[str, Any]  # class list etc.: saved in checkpoints, must match on resume
     collate: Callable[[list[Any]], Any] | None = None
+    recipe_keys: tuple[str, ...] = ()  # the task's own config keys that a resume must not change
 
 
 def lr_factor(step: int, total: int, cfg: TransferConfig) -> float:
@@ -329,6 +335,12 @@ def resume_checkpoint(cfg: TransferConfig, out: Path, task: Task, state: State, 
     for key, want in (("task", task.name), ("arch", task.arch), ("meta", task.meta)):
         if ckpt.get(key) != want:
             raise LGDError(f"cannot resume from {path}: its {key} is {ckpt.get(key)!r}, this run's is {want!r}")
+    saved = ckpt.get("config", {})
+    changed = [f"{key} {saved[key]!r} -> {getattr(cfg, key)!r}" for key in (*RECIPE_KEYS, *task.recipe_keys)
+               if key in saved and saved[key] != getattr(cfg, key)]
+    if changed:
+        raise LGDError(f"cannot resume from {path}: the recipe changed ({'; '.join(changed)}); resume with the "
+                       "checkpoint's values, or start a new run in another --output")
     task.model.load_state_dict(ckpt["model"])
     mults = [group["lr_mult"] for group in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -392,13 +404,26 @@ def _train_epoch(cfg: TransferConfig, task: Task, model: nn.Module, loader: Data
     return False
 
 
+def evaluate(cfg: TransferConfig, task: Task, model: nn.Module, state: State, last: Path,
+             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+             autocast: torch.dtype | None, log: RunLog) -> None:
+    """Score the model on the val set, log the numbers and save them into the last checkpoint."""
+    model.eval()
+    metrics = task.evaluate(model, device, autocast)
+    model.train()
+    log.write({"type": "val", "epoch": state.epoch, "step": state.step,
+               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}, state.step)
+    state.metrics = {**metrics, "metrics_epoch": state.epoch}  # the epoch the numbers come from
+    if du.is_main():
+        save_checkpoint(last, cfg, task, state, optimizer, scaler)
+
+
 def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str]) -> dict[str, Any]:
     """Fine-tune ``task.model`` (resuming if asked), evaluate, and write ``metrics.json``; return it."""
     start_time = time.time()
     out = Path(cfg.output)
     if du.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     autocast = amp_dtype(cfg, device)  # type: ignore[arg-type]  # reads only cfg.amp
     model = task.model.to(device)
     if cfg.norm == "syncbn" and du.is_dist():
@@ -423,7 +448,8 @@ def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str])
 
     state = State()
     resume_checkpoint(cfg, out, task, state, optimizer, scaler)
-    if du.is_main():
+    if du.is_main():  # only now: a refused resume must not overwrite the config of the run it refused
+        save_config(cfg, out / "config.yaml")
         print(f"{task.name}: {len(task.train_set)} training images; {per_epoch} steps/epoch x {cfg.epochs} epochs, "
               f"batch {cfg.batch_size} on {du.world_size()} process(es), {device}, amp={autocast}")
 
@@ -440,19 +466,17 @@ def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str])
                                    state.epoch, state.step, last)
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             done = state.epoch == cfg.epochs
-            if done or state.epoch % cfg.val_interval == 0:
-                model.eval()
-                state.metrics = task.evaluate(model, device, autocast)
-                model.train()
-                log.write({"type": "val", "epoch": state.epoch, "step": state.step,
-                           **{k: v for k, v in state.metrics.items() if isinstance(v, (int, float))}}, state.step)
-            if du.is_main():
+            if du.is_main():  # the epoch's training is safe before an evaluation can fail
                 save_checkpoint(last, cfg, task, state, optimizer, scaler)
-                if cfg.save_interval and state.epoch % cfg.save_interval == 0:
-                    save_checkpoint(out / f"checkpoint_ep{state.epoch:04d}.pth", cfg, task, state, optimizer, scaler)
+            if done or state.epoch % cfg.val_interval == 0:
+                evaluate(cfg, task, model, state, last, optimizer, scaler, device, autocast, log)
+            if du.is_main() and cfg.save_interval and state.epoch % cfg.save_interval == 0:
+                save_checkpoint(out / f"checkpoint_ep{state.epoch:04d}.pth", cfg, task, state, optimizer, scaler)
             du.barrier()
             if stop_after_reached(cfg.stop_after, state.epoch - first_epoch, done):
                 break
+        if state.epoch == cfg.epochs and state.metrics.get("metrics_epoch") != state.epoch:
+            evaluate(cfg, task, model, state, last, optimizer, scaler, device, autocast, log)  # it failed last time
     finally:
         stop.restore()
         log.close()

@@ -335,7 +335,8 @@ def detect(cfg: DetectConfig) -> dict[str, Any]:
               f"{len(train_set)} training / {len(val_set)} validation images")
     task = Task(name="detect", arch=arch, model=model, backbone=body, train_set=train_set, loss=detection_loss,
                 evaluate=make_evaluate(cfg, val_set), collate=collate,
-                meta={"model": cfg.model, "category_ids": train_set.category_ids, "classes": train_set.class_names})
+                meta={"model": cfg.model, "category_ids": train_set.category_ids, "classes": train_set.class_names},
+                recipe_keys=("min_size", "max_size", "roi_batch_size"))
     try:
         return fit(cfg, task, device, notes)
     finally:

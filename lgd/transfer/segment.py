@@ -101,7 +101,10 @@ def dilate(stages: Stages, output_stride: int, contract_first: bool) -> None:
 
     The unit that loses its stride keeps the previous dilation when ``contract_first`` (ResNet's convention,
     as torchvision's ``replace_stride_with_dilation`` and mmseg's ``contract_dilation``) and takes the new one
-    otherwise (MobileNet's, as torchvision's dilated MobileNetV3 and mmseg's MobileNetV2).
+    otherwise (MobileNet's, as torchvision's dilated MobileNetV3 and mmseg's MobileNetV2). Every later conv
+    wider than 1x1 takes the full dilation (DeepLab's scheme, as torchvision's dilated ResNet and MobileNetV3);
+    mmseg dilates fewer (in a MobileNetV2 layer only its first block, in a ResNet BasicBlock only ``conv1``), so
+    its receptive fields at the same output stride are somewhat smaller.
     """
     stride, dilation, previous = 1, 1, 1
     for unit in stages.units:
@@ -324,7 +327,9 @@ def segment(cfg: SegmentConfig) -> dict[str, Any]:
               f"{len(train_set)} training / {len(val_set)} validation images")
     task = Task(name="segment", arch=arch, model=model, backbone=body, train_set=train_set,
                 loss=segmentation_loss(cfg), evaluate=make_evaluate(cfg, val_set, names),
-                meta={"head": cfg.head, "classes": names})
+                meta={"head": cfg.head, "classes": names},
+                recipe_keys=("num_classes", "output_stride", "aux_weight", "reduce_zero_label", "ignore_index",
+                             "crop_size", "base_size", "min_scale", "max_scale"))
     try:
         return fit(cfg, task, device, [])
     finally:
