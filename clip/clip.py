@@ -28,6 +28,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from tqdm import tqdm
 
 from .model import CLIP, CLIPLoadError, build_model, convert_weights, infer_hyperparameters
+from .tokenizer import tokenize
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "CLIPLoadError", "available_models", "build_preprocess",
            "default_download_root", "download", "download_model", "load"]
@@ -409,3 +410,10 @@ def load(name: str | os.PathLike[str], device: str | torch.device = "cpu", jit: 
     if device.type == "cuda":
         convert_weights(model)
     return model, build_preprocess(model.visual.input_resolution)
+
+
+_download = download  # OpenAI's names: the checksum comes from the URL, as theirs does
+_transform = build_preprocess
+
+# What scripts written for OpenAI's package import from ``clip.clip`` (``from clip import clip``).
+__all__ = ["available_models", "load", "tokenize", "_MODELS", "_download", "_transform"]

@@ -4,8 +4,8 @@ Parameter and buffer names and shapes are exactly those of the official checkpoi
 state_dict loads with ``strict=True``; :func:`build_model` reads every hyper-parameter back from the
 key names and tensor shapes, as the official checkpoints carry no config.
 
-Inside, the transformers are batch-first, (N, L, width), as in current open_clip; OpenAI's modules take
-(L, N, width). Code that calls ``visual.transformer`` or ``transformer`` directly must not permute its input.
+The transformers take (L, N, width) tensors, as OpenAI's do, so code that calls ``visual.transformer``,
+``transformer`` or their ``resblocks`` directly (for patch tokens or intermediate layers) works unchanged.
 """
 from __future__ import annotations
 
@@ -146,11 +146,14 @@ class ModifiedResNet(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) with a QuickGELU MLP."""
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) with a QuickGELU MLP.
 
-    def __init__(self, d_model: int, n_head: int) -> None:
+    Each block holds its attention mask, as OpenAI's do, so ``block(x)`` alone is the block's whole computation.
+    """
+
+    def __init__(self, d_model: int, n_head: int, attn_mask: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, n_head, batch_first=True)
+        self.attn = nn.MultiheadAttention(d_model, n_head)  # (L, N, width), OpenAI's layout
         self.ln_1 = LayerNorm(d_model)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(d_model, d_model * 4)),
@@ -158,28 +161,28 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(d_model * 4, d_model)),
         ]))
         self.ln_2 = LayerNorm(d_model)
+        # A plain attribute, as in OpenAI's blocks: checkpoints and archives have no mask entry (it is rebuilt
+        # from the context length), and it follows the input's device when used.
+        self.attn_mask = attn_mask
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0]
+        mask = None if self.attn_mask is None else self.attn_mask.to(x.device)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """A stack of residual attention blocks on (N, L, width) tensors, optionally with a fixed mask."""
+    """A stack of residual attention blocks on (L, N, width) tensors, optionally with a fixed mask."""
 
     def __init__(self, width: int, layers: int, heads: int, attn_mask: torch.Tensor | None = None) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
-        # Not persistent: the official checkpoints have no mask entry, it is rebuilt from the context length.
-        self.register_buffer("attn_mask", attn_mask, persistent=False)
+        self.resblocks = nn.Sequential(*(ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.resblocks:
-            x = block(x, self.attn_mask)
-        return x
+        return self.resblocks(x)
 
 
 class VisionTransformer(nn.Module):
@@ -204,7 +207,7 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (N, grid**2, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
+        x = self.transformer(self.ln_pre(x).permute(1, 0, 2)).permute(1, 0, 2)
         return self.ln_post(x[:, 0]) @ self.proj
 
 
@@ -287,7 +290,7 @@ class CLIP(nn.Module):
             raise ValueError(f"text must have {self.context_length} tokens per row (tokenize with "
                              f"context_length={self.context_length}), got shape {tuple(text.shape)}")
         x = self.token_embedding(text).to(self.dtype) + self.positional_embedding.to(self.dtype)
-        x = self.ln_final(self.transformer(x))
+        x = self.ln_final(self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
         eot = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
         return eot @ self.text_projection
 

@@ -89,6 +89,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def require_resumed_alike(position: tuple[int, ...], path: object, device: torch.device) -> None:
+    """Every rank must have resumed to the same ``position`` (epoch, step, ...). Each rank reads the resume file
+    itself: a node that cannot see it (no shared filesystem) would silently start afresh and diverge."""
+    if not is_dist():
+        return
+    every = all_gather_cat(torch.tensor([position], dtype=torch.long, device=device)).cpu()
+    if not bool((every == every[0]).all()):
+        found = ", ".join(f"rank {r}: {tuple(row.tolist())}" for r, row in enumerate(every))
+        raise LGDError(f"the ranks resumed from different states ({found}) of {path or 'no checkpoint'}; every rank "
+                       "reads the resume file itself, so it must be on a filesystem all nodes share (or copied to "
+                       "the same path on each)")
+
+
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_dist():
         dist.broadcast(tensor, src)

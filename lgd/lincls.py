@@ -527,6 +527,7 @@ def lincls(cfg: LinclsConfig) -> dict[str, Any]:
     state = ProbeState(fc, optimizer)
     identity = probe_identity(cfg, loaded.arch, classes)
     resume_probe(state, cfg, out, identity)
+    du.require_resumed_alike((state.epoch, state.batch_in_epoch, state.step), cfg.resume, device)
     if du.is_main():  # only now: a refused resume must not overwrite the config of the run it refused
         save_config(cfg, out / "config.yaml")
     model: nn.Module = fc

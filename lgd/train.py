@@ -198,15 +198,21 @@ class FrozenTeacher(nn.Module):
 
 
 class StopRequested:
-    """Turns SIGTERM/SIGINT into a flag, so the loop can save a checkpoint at a step boundary."""
+    """Turns SIGTERM/SIGINT into a flag, so the loop can save a checkpoint at a step boundary.
+
+    A repeated SIGTERM changes nothing: under SLURM every process gets the scheduler's SIGTERM and torchrun
+    forwards its own copy, milliseconds apart, before the ranks reach the step where they agree to stop. A second
+    SIGINT (Ctrl-C twice) is the user's way out without saving and acts immediately.
+    """
 
     def __init__(self) -> None:
         self.signum = 0
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signum = signum
-        signal.signal(signum, self._previous[signum])  # a second signal acts immediately
+        self.signum = self.signum or signum
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous[signum])
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -324,7 +330,7 @@ class State:
 
 
 def save_state(state: State, path: Path, cfg: TrainConfig, setup: Setup, tsb: torch.Tensor,
-               classnames: Sequence[str], templates: Sequence[str]) -> None:
+               classnames: Sequence[str], templates: Sequence[str], train_data: dict[str, Any]) -> None:
     atomic_torch_save(
         {
             "format": FORMAT,
@@ -340,6 +346,7 @@ def save_state(state: State, path: Path, cfg: TrainConfig, setup: Setup, tsb: to
             "classnames": list(classnames),
             "templates": list(templates),
             "teacher": setup.teacher,
+            "train_data": train_data,
             "config": dataclasses.asdict(cfg),
             "optimizer": state.optimizer.state_dict(),
             "scaler": state.scaler.state_dict(),
@@ -356,12 +363,18 @@ RECIPE_KEYS = ("epochs", "batch_size", "base_lr", "warmup_epochs", "momentum", "
                "min_crop_scale", "student_temp", "teacher_temp", "alpha", "vsb_momentum", "seed")
 
 
-def resume_state(state: State, cfg: TrainConfig, out: Path, tsb: torch.Tensor) -> None:
-    """Load ``--resume`` into ``state``; refuse checkpoints of another student or text set."""
+def resume_state(state: State, cfg: TrainConfig, out: Path, tsb: torch.Tensor, train_data: dict[str, Any]) -> None:
+    """Load ``--resume`` into ``state``; refuse checkpoints of another student, text set, recipe or image set."""
     path = resume_path(cfg.resume, out)
     if path is None:
         return
     ckpt = load_checkpoint(path)
+    saved = ckpt.get("train_data", train_data)  # the sampler's permutations index this image list
+    if saved != train_data:
+        raise LGDError(f"cannot resume: {path} was trained on {saved['images']} images of {len(saved['classes'])} "
+                       f"classes, this run's train/ has {train_data['images']} of {len(train_data['classes'])}"
+                       f"{'' if saved['classes'] == train_data['classes'] else ' (other class folders)'}; resume "
+                       "on the same images, or start a new --output")
     if ckpt["arch"] != cfg.arch:
         raise LGDError(f"cannot resume: {path} holds a {ckpt['arch']} student, this run trains {cfg.arch}")
     if tuple(ckpt["tsb"].shape) != tuple(tsb.shape):
@@ -605,7 +618,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             print(f"note: no kNN monitor: {setup.data / 'val'} lacks the class folders of {setup.data / 'train'}")
     schedule = {"per_epoch": per_epoch, "total": per_epoch * cfg.epochs, "warmup": per_epoch * cfg.warmup_epochs}
 
-    resume_state(state, cfg, out, tsb)
+    train_data = {"images": len(train_set), "classes": list(train_folder.classes)}
+    resume_state(state, cfg, out, tsb, train_data)
+    du.require_resumed_alike((state.epoch, state.batch_in_epoch, state.step), cfg.resume, device)
     if du.is_main():  # only now: a refused start must not overwrite the config of the run it refused to resume
         save_config(cfg, out / "config.yaml")
         print(f"LGD: teacher {setup.teacher} (D={embed_dim}) -> student {cfg.arch}; {len(train_set)} images, "
@@ -619,7 +634,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     last = out / "checkpoint_last.pth"
 
     def save(path: Path) -> None:
-        save_state(state, path, cfg, setup, tsb, classnames, templates)
+        save_state(state, path, cfg, setup, tsb, classnames, templates, train_data)
 
     try:
         while state.epoch < cfg.epochs:

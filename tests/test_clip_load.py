@@ -99,6 +99,30 @@ def test_preprocess_gives_normalised_rgb_crops() -> None:
     torch.testing.assert_close(tensor[:, 16, 16], expected)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_preprocess_equals_open_clips(mode: str) -> None:
+    """Random pixels on a non-square image: resize filter, crop position and normalisation all show."""
+    from open_clip.transform import image_transform
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(97, 150, 4, generator=generator) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels, "RGBA").convert(mode)
+    oracle = image_transform(224, is_train=False, mean=CLIP_MEAN, std=CLIP_STD)
+    torch.testing.assert_close(build_preprocess(224)(image), oracle(image), rtol=0, atol=1e-6)
+
+
+def test_openai_module_paths_keep_working() -> None:
+    """``from clip import clip`` and ``clip.simple_tokenizer``, as scripts written for OpenAI's package use them."""
+    from clip import clip as openai_style
+    from clip import tokenize
+    from clip.simple_tokenizer import SimpleTokenizer
+
+    assert torch.equal(openai_style.tokenize(["a photo of a dog"]), tokenize(["a photo of a dog"]))
+    assert openai_style._MODELS["RN50"].endswith("/RN50.pt") and openai_style._download is download
+    assert str(openai_style._transform(32)) == str(build_preprocess(32))
+    assert SimpleTokenizer().decode(SimpleTokenizer().encode("a photo of a dog")).strip() == "a photo of a dog"
+
+
 # --- loading files ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model", "module."])

@@ -112,6 +112,24 @@ def test_features_match_open_clip(hp: dict[str, Any]) -> None:
     assert logits_per_image.shape == (images.shape[0], text.shape[0])
 
 
+def test_modules_take_openais_sequence_first_layout() -> None:
+    """Scripts written for OpenAI's modules feed ``visual.transformer`` and each text block (L, N, width) by
+    hand (for patch tokens or intermediate layers); done so, they must get what encode_* computes."""
+    model = build_model(make_openai_state_dict(TINY_VIT))
+    images, text = example_inputs(TINY_VIT)
+    visual = model.visual
+    with torch.no_grad():
+        x = visual.conv1(images).flatten(2).transpose(1, 2)  # (N, patches, width)
+        x = torch.cat([visual.class_embedding.expand(len(x), 1, -1), x], dim=1) + visual.positional_embedding
+        x = visual.transformer(visual.ln_pre(x).permute(1, 0, 2)).permute(1, 0, 2)
+        torch.testing.assert_close(visual.ln_post(x[:, 0]) @ visual.proj, model.encode_image(images))
+        x = (model.token_embedding(text) + model.positional_embedding).permute(1, 0, 2)
+        for block in model.transformer.resblocks:  # each block carries its causal mask
+            x = block(x)
+        x = model.ln_final(x.permute(1, 0, 2))[torch.arange(len(text)), text.argmax(-1)]
+        torch.testing.assert_close(x @ model.text_projection, model.encode_text(text))
+
+
 def test_text_features_are_causal_and_read_at_end_of_text() -> None:
     model = build_model(make_openai_state_dict(TINY_VIT))
     _, text = example_inputs(TINY_VIT)

@@ -30,7 +30,10 @@ def test_shipped_configs_are_valid(path):
     assert cfg.arch in STUDENTS
     if path.name != "toyworld.yaml":  # the paper's recipe
         assert (cfg.teacher, cfg.batch_size, cfg.base_lr, cfg.student_temp, cfg.teacher_temp) == ("RN50", 2048, 0.03, 0.2, 0.01)
-        assert cfg.epochs in (90, 200) and cfg.vsb_momentum == 0.999
+        assert (cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.warmup_epochs) == ("sgd", 0.9, 1e-4, 5)
+        assert (cfg.alpha, cfg.vsb_momentum, cfg.min_crop_scale, cfg.image_size) == (0.5, 0.999, 0.2, 224)
+        assert cfg.epochs == int(path.stem.rsplit("_", 1)[1].removesuffix("ep"))  # 90 or 200, as the name says
+        assert cfg.arch == {"r18": "resnet18", "mnv2": "mobilenet_v2"}[path.stem.split("_")[1]]
 
 
 def test_config_precedence_and_saving(tmp_path):
@@ -136,7 +139,9 @@ def test_tsb_matches_per_prompt_loop_and_is_cached(toy_world, tmp_path):
     cached = load_or_build_tsb(model, names, templates, tmp_path)
     files = list(tmp_path.glob("tsb-*.pt"))
     assert len(files) == 1 and torch.equal(cached, tsb)
-    assert torch.equal(load_or_build_tsb(model, names, templates, tmp_path), tsb)
+    entry = torch.load(files[0], weights_only=True)
+    torch.save({**entry, "tsb": entry["tsb"] * 2}, files[0])  # a hit returns the file, a rebuild would not
+    assert torch.equal(load_or_build_tsb(model, names, templates, tmp_path), tsb * 2)
     load_or_build_tsb(model, names[:2], templates, tmp_path)
     assert len(list(tmp_path.glob("tsb-*.pt"))) == 2  # another class-name set gets another entry
 

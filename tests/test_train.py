@@ -138,6 +138,49 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_world, mini_world, tmp_
     assert_identical(final_weights(reference), final_weights(stopped))
 
 
+def test_repeated_sigterm_still_saves_but_a_second_ctrl_c_quits():
+    """Under SLURM a rank gets the scheduler's SIGTERM and torchrun's forwarded copy before it reaches the step
+    where it saves: the copy must not kill it. Ctrl-C twice is the way out without saving."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from lgd.train import StopRequested\n"
+        "stop = StopRequested()\n"
+        "sig = getattr(signal, sys.argv[1])\n"
+        "for _ in range(2):\n"
+        "    os.kill(os.getpid(), sig)\n"
+        "    time.sleep(0.2)  # the handler has run before the next signal comes\n"
+        "print('alive', stop.signum, flush=True)\n"
+    )
+    term = subprocess.run([sys.executable, "-c", script, "SIGTERM"], cwd=REPO, capture_output=True, text=True)
+    assert term.returncode == 0 and term.stdout.strip() == f"alive {int(signal.SIGTERM)}", term
+    ctrl_c = subprocess.run([sys.executable, "-c", script, "SIGINT"], cwd=REPO, capture_output=True, text=True)
+    assert ctrl_c.returncode != 0 and "alive" not in ctrl_c.stdout and "KeyboardInterrupt" in ctrl_c.stderr
+
+
+def test_ranks_that_resumed_differently_are_stopped(tmp_path):
+    """2 gloo processes: a rank that found no checkpoint (a node without the shared filesystem) and one that did
+    both get a clear error naming what each restored; agreeing ranks go on."""
+    script = tmp_path / "resume_check.py"
+    script.write_text(
+        "from lgd import distributed as du\n"
+        "from lgd.errors import LGDError\n"
+        "device = du.init_distributed('cpu')\n"
+        "du.require_resumed_alike((3, 1, 40), 'run/checkpoint_last.pth', device)\n"
+        "try:\n"
+        "    du.require_resumed_alike((3, 1, 40) if du.rank() == 0 else (0, 0, 0), 'run/checkpoint_last.pth', device)\n"
+        "except LGDError as err:\n"
+        "    print(f'rank {du.rank()} refused: {err}', flush=True)\n"
+        "du.cleanup()\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for rank in (0, 1):
+        assert f"rank {rank} refused: the ranks resumed from different states (rank 0: (3, 1, 40), rank 1: (0, 0, 0))" \
+            in done.stdout
+
+
 def test_two_process_gloo_run(toy_world, mini_world, tmp_path):
     """torchrun with 2 CPU processes: VSB identical on both ranks after every step and equal to one process
     over the same global batch; then a full engine run where only rank 0 writes."""
@@ -230,6 +273,13 @@ def test_resume_from_another_arch_is_refused(toy_world, mini_world, tmp_path, ca
     reordered.write_text("\n".join(reversed(toy_world.classnames.read_text().split("\n")[:-1])) + "\n")
     expect_user_error(capsys, [*mini_args(toy_world, mini_world, out, "--resume", "auto"), "--text", str(reordered)],
                       "the TSB of")
+    fewer = tmp_path / "fewer"  # the sampler's permutations would index another image list
+    for class_dir in sorted((mini_world / "train").iterdir()):
+        (fewer / "train" / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:7]:
+            (fewer / "train" / class_dir.name / image.name).symlink_to(image.resolve())
+    expect_user_error(capsys, mini_args(toy_world, fewer, out, "--resume", "auto"),
+                      "was trained on 192 images of 24 classes, this run's train/ has 168 of 24")
 
 
 def test_batch_must_divide_by_world_size(monkeypatch):

@@ -448,6 +448,7 @@ def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str])
 
     state = State()
     resume_checkpoint(cfg, out, task, state, optimizer, scaler)
+    du.require_resumed_alike((state.epoch, state.batch_in_epoch, state.step), cfg.resume, device)
     if du.is_main():  # only now: a refused resume must not overwrite the config of the run it refused
         save_config(cfg, out / "config.yaml")
         print(f"{task.name}: {len(task.train_set)} training images; {per_epoch} steps/epoch x {cfg.epochs} epochs, "
