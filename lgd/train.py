@@ -325,6 +325,7 @@ class State:
     scaler: torch.amp.GradScaler
     epoch: int = 0  # completed epochs
     batch_in_epoch: int = 0  # steps already taken in epoch ``epoch`` (after a mid-epoch stop)
+    bad_in_epoch: int = 0  # unreadable images replaced in those steps, summed over ranks
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -339,6 +340,7 @@ def save_state(state: State, path: Path, cfg: TrainConfig, setup: Setup, tsb: to
             "embed_dim": state.student.embed_dim,
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
+            "bad_in_epoch": state.bad_in_epoch,
             "step": state.step,
             "model": state.student.state_dict(),
             "vsb": state.vsb.state_dict(),
@@ -403,6 +405,7 @@ def resume_state(state: State, cfg: TrainConfig, out: Path, tsb: torch.Tensor, t
         state.scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     state.epoch, state.batch_in_epoch, state.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
+    state.bad_in_epoch = ckpt.get("bad_in_epoch", 0)
     state.metrics = dict(ckpt.get("metrics", {}))
     if du.is_main():
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
@@ -461,6 +464,15 @@ def lgd_step(
     return loss, l_vis, l_tex
 
 
+def check_bad_images(cfg: TrainConfig, state: State, per_epoch: int, bad: int) -> None:
+    """Stop once an epoch's unreadable images exceed ``max_bad_images`` of the epoch: checked at every log step
+    too, so a mostly unreadable dataset fails within minutes instead of after an epoch of duplicates."""
+    limit = cfg.max_bad_images * per_epoch * cfg.batch_size
+    if bad > limit:
+        raise LGDError(f"{bad} unreadable images in epoch {state.epoch + 1} (limit {cfg.max_bad_images:.1%} of "
+                       f"{per_epoch * cfg.batch_size}); check the images of {Path(cfg.data) / 'train'}")
+
+
 def train_one_epoch(
     cfg: TrainConfig, state: State, model: nn.Module, teacher: FrozenTeacher | None, tsb: torch.Tensor,
     loader: DataLoader, device: torch.device, autocast: torch.dtype | None, schedule: dict[str, int],
@@ -494,7 +506,9 @@ def train_one_epoch(
         if window_steps == cfg.log_interval or state.batch_in_epoch == schedule["per_epoch"]:
             # Every rank logs at the same steps: average over ranks, so the log is the global batch's loss and
             # a non-finite loss on any rank stops all of them (one rank raising alone would leave the rest waiting).
-            values = (du.all_reduce_sum(running) / (window_steps * du.world_size())).tolist()
+            totals = du.all_reduce_sum(torch.cat([running, skipped.to(device, running.dtype).view(1)]))
+            check_bad_images(cfg, state, schedule["per_epoch"], state.bad_in_epoch + int(totals[3].item()))
+            values = (totals[:3] / (window_steps * du.world_size())).tolist()
             if not math.isfinite(values[0]):
                 raise LGDError(f"loss is {values[0]} near step {state.step}; lower the learning rate or disable fp16")
             img_s = window_steps * cfg.batch_size / (time.time() - window_start)
@@ -640,20 +654,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         while state.epoch < cfg.epochs:
             sampler.set_epoch(state.epoch, skip=state.batch_in_epoch * local_batch)
             stopped, bad = train_one_epoch(cfg, state, model, teacher, tsb, loader, device, autocast, schedule, stop, log)
-            if stopped:
+            state.bad_in_epoch += int(du.all_reduce_sum(torch.tensor(bad, device=device)).item())
+            if stopped:  # the epoch's count so far is saved: the resumed part adds to it
                 stop.save_and_exit(lambda: save(last), state.epoch, state.step, last)
-            bad = int(du.all_reduce_sum(torch.tensor(bad, device=device)).item())
             # Every rank updates the VSB from the same gathered batch, but CUDA's index_add_ sums in no fixed
             # order: re-align the ranks on rank 0's bank (the one saved) once per epoch, before ULPs add up.
             # BN running stats: DDP copies rank 0's before each forward, so after the last step every rank has
             # its own; align them too, so that the sharded evaluation below scores exactly the saved checkpoint.
             for tensor in (state.vsb.bank, *student.buffers()):
                 du.broadcast(tensor)
-            seen = per_epoch * cfg.batch_size
-            if bad > cfg.max_bad_images * seen:
-                raise LGDError(f"{bad} unreadable images in epoch {state.epoch + 1} (limit {cfg.max_bad_images:.1%} "
-                               f"of {seen}); check {setup.data / 'train'}")
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            check_bad_images(cfg, state, per_epoch, state.bad_in_epoch)
+            state.epoch, state.batch_in_epoch, state.bad_in_epoch = state.epoch + 1, 0, 0
             done = state.epoch == cfg.epochs
             if du.is_main():  # the epoch's training is safe before an evaluation can fail
                 save(last)
