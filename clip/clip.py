@@ -13,6 +13,7 @@ import http.client
 import os
 import pickle
 import re
+import ssl
 import tempfile
 import urllib.error
 import urllib.request
@@ -28,7 +29,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from tqdm import tqdm
 
 from .model import CLIP, CLIPLoadError, build_model, convert_weights, infer_hyperparameters
-from .tokenizer import tokenize
+from .tokenizer import _default_tokenizer, tokenize
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "CLIPLoadError", "available_models", "build_preprocess",
            "default_download_root", "download", "download_model", "load"]
@@ -123,6 +124,10 @@ class DownloadUnavailable(CLIPLoadError):
     """The server could not be reached or did not serve the file (as opposed to a bad file or a full disk)."""
 
 
+class ChecksumMismatch(CLIPLoadError):
+    """The server sent bytes other than the expected file (e.g. a retired host's parking page); they were discarded."""
+
+
 def download(url: str, root: str | os.PathLike[str], sha256: str | None = None, filename: str | None = None) -> str:
     """Return the path of ``root/<filename>`` (default: the basename of ``url``), downloading it unless a
     verified copy is there.
@@ -162,12 +167,9 @@ def download(url: str, root: str | os.PathLike[str], sha256: str | None = None, 
             out.flush()
             os.fsync(out.fileno())
         if got != expected:
-            raise CLIPLoadError(f"the download of {url} has SHA-256 {got}, expected {expected}; it was discarded. "
-                                f"Retry, or place a verified copy of the file at {target}")
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(part, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared model cache from the team
-        os.replace(part, target)
+            raise ChecksumMismatch(f"the download of {url} has SHA-256 {got}, expected {expected}; it was discarded. "
+                                   f"Retry, or place a verified copy of the file at {target}")
+        _publish(part, target)
     except OSError as err:  # a full disk, a broken TLS stream: the partial file is removed below
         raise CLIPLoadError(f"downloading {url} to {target} failed ({_first_line(err)}); check the free space "
                             f"there and the connection, then retry") from None
@@ -175,6 +177,14 @@ def download(url: str, root: str | os.PathLike[str], sha256: str | None = None, 
         if os.path.exists(part):
             os.remove(part)
     return target
+
+
+def _publish(part: str, target: str) -> None:
+    """Give a finished temp file the permissions of a normal file and rename it into place."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(part, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared model cache from the team
+    os.replace(part, target)
 
 
 def _stream_to(url: str, out: BinaryIO, target: str, expected: str) -> str:
@@ -189,7 +199,7 @@ def _stream_to(url: str, out: BinaryIO, target: str, expected: str) -> str:
                     out.write(chunk)
                     digest.update(chunk)
                     progress.update(len(chunk))
-    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as err:
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError, ssl.SSLError) as err:
         reason = getattr(err, "reason", None) or err
         raise DownloadUnavailable(f"could not download {url} ({reason}). Without network access, fetch that URL "
                                   f"on another machine and place the file at {target} (its SHA-256 must be "
@@ -239,24 +249,51 @@ def download_model(name: str, download_root: str | os.PathLike[str] | None = Non
     root = os.path.expanduser(os.fspath(download_root or default_download_root()))
     openai_path = os.path.join(root, os.path.basename(_MODELS[name]))
     mirror_path = os.path.splitext(openai_path)[0] + ".openai-hf.bin"
-    if not os.path.exists(openai_path) and _matches_recorded_sha256(mirror_path):
+    if _matches_sha256(openai_path, _MODELS[name].split("/")[-2]):
+        return openai_path
+    if _matches_recorded_sha256(mirror_path):
+        if os.path.exists(openai_path):
+            warnings.warn(f"{openai_path} is not OpenAI's file (wrong SHA-256); using the verified Hugging Face copy "
+                          f"{mirror_path}", stacklevel=2)
         return mirror_path
     try:
         return download(_MODELS[name], root)
-    except DownloadUnavailable as openai_error:
+    except (DownloadUnavailable, ChecksumMismatch) as openai_error:
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
         url = f"{endpoint}/{_HF_REPOS[name]}/resolve/main/{_HF_FILE}"
         warnings.warn(f"{openai_error}; trying the Hugging Face copy {url}", stacklevel=2)
         try:
             sha = hf_sha256(url)
             path = download(url, root, sha256=sha, filename=os.path.basename(mirror_path))
-        except DownloadUnavailable as mirror_error:
+        except (DownloadUnavailable, ChecksumMismatch) as mirror_error:
             raise CLIPLoadError(f"{name}: neither OpenAI's file nor its Hugging Face copy could be downloaded. "
                                 f"OpenAI: {openai_error} Hugging Face: {mirror_error}. Place OpenAI's file at "
                                 f"{openai_path}, or pass the path of either file to clip.load()") from None
-        with open(path + ".sha256", "w", encoding="ascii") as record:
-            record.write(sha + "\n")
+        _record_sha256(path, sha)
         return path
+
+
+def _record_sha256(path: str, sha: str) -> None:
+    """Keep the Hub's hash next to its file (atomically: another rank may be reading it) for offline checks."""
+    fd, part = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as record:
+            record.write(sha + "\n")
+        _publish(part, path + ".sha256")
+    except OSError as err:
+        raise CLIPLoadError(f"cannot record the SHA-256 of {path} in {path}.sha256 ({_first_line(err)}); check "
+                            "the free space and permissions there") from None
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+
+
+def _matches_sha256(path: str, expected: str) -> bool:
+    """Whether ``path`` is a readable file with SHA-256 ``expected`` (unreadable files are left to ``download``)."""
+    try:
+        return os.path.isfile(path) and _sha256_of_file(path) == expected.lower()
+    except OSError:
+        return False
 
 
 def _matches_recorded_sha256(path: str) -> bool:
@@ -264,9 +301,9 @@ def _matches_recorded_sha256(path: str) -> bool:
     try:
         with open(path + ".sha256", encoding="ascii") as record:
             expected = record.read().strip()
-        return _SHA256.fullmatch(expected) is not None and _sha256_of_file(path) == expected
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return False
+    return _SHA256.fullmatch(expected) is not None and _matches_sha256(path, expected)
 
 
 def _is_torchscript_archive(path: str) -> bool:
@@ -414,6 +451,13 @@ def load(name: str | os.PathLike[str], device: str | torch.device = "cpu", jit: 
 
 _download = download  # OpenAI's names: the checksum comes from the URL, as theirs does
 _transform = build_preprocess
+
+
+def __getattr__(name: str) -> Any:
+    """``clip.clip._tokenizer``, OpenAI's module-level tokenizer, built on first use (it takes about a second)."""
+    if name == "_tokenizer":
+        return _default_tokenizer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # What scripts written for OpenAI's package import from ``clip.clip`` (``from clip import clip``).
 __all__ = ["available_models", "load", "tokenize", "_MODELS", "_download", "_transform"]

@@ -23,7 +23,7 @@ __all__ = ["CLIP", "CLIPLoadError", "build_model", "convert_weights", "infer_hyp
 # Head width used by OpenAI for every attention layer: heads = width // 64.
 HEAD_WIDTH = 64
 # Scalars that the official TorchScript archives store next to the weights; they are not parameters.
-_NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
+_NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
 class CLIPLoadError(RuntimeError):
@@ -167,7 +167,7 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
-        mask = None if self.attn_mask is None else self.attn_mask.to(x.device)
+        mask = None if self.attn_mask is None else self.attn_mask.to(dtype=x.dtype, device=x.device)
         x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
         return x + self.mlp(self.ln_2(x))
 
@@ -383,18 +383,15 @@ def build_model(state_dict: Mapping[str, torch.Tensor]) -> CLIP:
     """An fp32 :class:`CLIP` in eval mode holding exactly the weights of an OpenAI-format state_dict.
 
     Ignored: the scalars ``input_resolution``, ``context_length`` and ``vocab_size`` of the official
-    archives, and the causal mask, which is a non-persistent buffer that TorchScript archives of eager
-    models nevertheless store. Any other missing or unknown key raises :class:`CLIPLoadError`.
+    archives, and a stored causal mask ``attn_mask`` (re-implementations that keep it as a buffer save it; it
+    is rebuilt from the context length). Any other missing or unknown key raises :class:`CLIPLoadError`.
     fp16 weights are cast to fp32.
     """
     weights = {key: value for key, value in state_dict.items() if key not in _NON_PARAMETER_KEYS}
     hyperparameters = infer_hyperparameters(weights)
     try:
         model = CLIP(**hyperparameters)
-        persistent = model.state_dict().keys()
-        transient = {name for name, _ in model.named_buffers() if name not in persistent}
-        missing, unexpected = model.load_state_dict(
-            {key: value for key, value in weights.items() if key not in transient}, strict=False)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     except (RuntimeError, ValueError) as err:
         first_lines = " ".join(str(err).strip().splitlines()[:3])
         raise CLIPLoadError(f"this state_dict does not fit a CLIP with the hyper-parameters read from it "

@@ -112,6 +112,10 @@ class SimpleTokenizer:
             parts = merged
         return tuple(parts)
 
+    def bpe(self, token: str) -> str:
+        """OpenAI's public form of the merge step: the vocabulary entries of one pre-token, space-separated."""
+        return " ".join(self._bpe_cached(token))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no start/end tokens, no padding)."""
         ids: list[int] = []

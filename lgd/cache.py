@@ -425,14 +425,15 @@ def build_cache(cfg: CacheConfig) -> TeacherCache:
         if du.is_main():
             for stale in out.glob(".chunk_*.tmp"):  # left by an interrupted build; never read
                 stale.unlink()
-            if existing is None:
+            if existing is None or not any(out.glob("chunk_*.npy")):  # no chunk yet: this run's precision is the cache's
                 atomic_write_json(out / MANIFEST, manifest)
         du.barrier()
+        existing = _read_manifest(out)
 
         cache = TeacherCache(out)
         missing = cache.missing_chunks()
         du.barrier()  # every rank has listed the same chunks before any rank writes one
-        built_with, this_run = (existing or manifest)["built"].get("teacher_precision"), manifest["built"]["teacher_precision"]
+        built_with, this_run = existing["built"].get("teacher_precision"), manifest["built"]["teacher_precision"]
         if missing and len(missing) < cache.num_chunks and built_with != this_run:
             raise LGDError(f"the chunks already in {out} were computed by a {built_with or 'half()-converted fp16'} "
                            f"teacher, this command runs a {this_run} one, and one cache must hold one precision: "

@@ -255,9 +255,10 @@ def verify_torchvision_load(arch: str, sd: StateDict, what: str = "the state_dic
     return f"loads into torchvision {arch}: all {len(backbone)} backbone tensors matched; {tail}"
 
 
-def _resolve_arch(found: str | None, requested: str | None, path: str | os.PathLike) -> str:
+def _resolve_arch(found: str | None, requested: str | None, path: str | os.PathLike, advice: str = "") -> str:
     if found and requested and found != requested:
-        raise LGDError(f"{path} holds a {found} backbone, not {requested}; pick the config/--arch for {found}")
+        raise LGDError(f"{path} holds a {found} backbone, not {requested}; "
+                       + (advice or f"pick the config/--arch for {found}"))
     arch = found or requested
     if arch is None:
         raise LGDError(f"{path} is a plain state_dict that does not name its architecture; pass --arch")
@@ -312,7 +313,8 @@ def convert_to_mm(src: str | os.PathLike, out: str | os.PathLike, layout: str) -
     written file with :func:`check_mm_checkpoint` and returns a summary.
     """
     found, sd = backbone_state_dict(src)
-    _resolve_arch(found, MOBILENET_V2, src)
+    _resolve_arch(found, MOBILENET_V2, src, advice="this conversion is for MobileNetV2 students only (a ResNet "
+                  "needs none: use tools/convert-pretrain-to-torchvision.py)")
     sd, classifier = split_classifier(MOBILENET_V2, _tensor_state_dict(sd, str(src)))
     converted, dropped = torchvision_to_mm(sd, layout, str(src))
     meta = {"source": os.path.abspath(src), "arch": MOBILENET_V2, "layout": layout, "dropped": dropped}

@@ -94,6 +94,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for a file it cannot decode
 
 
+def own_generator(seed: int = 0) -> torch.Generator:
+    """A DataLoader's own RNG. Without one, every new loader iterator draws its workers' base seed from the global
+    RNG, a draw that a resumed run makes where an uninterrupted one does not: it would shift the model's own random
+    ops (dropout, stochastic depth) and break bit-exact resume."""
+    return torch.Generator().manual_seed(seed)
+
+
 def rgb_loader(path: str) -> Image.Image:
     with open(path, "rb") as f:
         return Image.open(f).convert("RGB")
@@ -132,6 +139,25 @@ def train_val_folders(root: Path) -> tuple[datasets.ImageFolder, datasets.ImageF
         raise LGDError(f"{root / 'train'} and {root / 'val'} must have the same class folders "
                        f"({len(train.classes)} vs {len(val.classes)} classes; {'; '.join(differ)})")
     return train, val
+
+
+class SkippingFolder(Dataset):
+    """Evaluation-transformed items of a *training* folder (the kNN monitor's bank): an unreadable file, which
+    training skips and counts, becomes a blank image labelled -1 that the bank leaves out, instead of an error
+    that would stop the run at its first kNN epoch."""
+
+    def __init__(self, folder: datasets.ImageFolder, transform: Callable) -> None:
+        self.folder, self.transform = folder, transform
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.folder.samples[index]
+        try:
+            return self.transform(rgb_loader(path)), label
+        except UNREADABLE:
+            return self.transform(Image.new("RGB", (8, 8))), -1
 
 
 class SeededImageFolder(Dataset):

@@ -99,12 +99,15 @@ def knn_monitor(features: Callable[[torch.Tensor], torch.Tensor], bank_loader: D
                 autocast: torch.dtype | None = None) -> dict[str, float]:
     """kNN top-1/top-5 (%) of the queries against the bank (both un-augmented, labelled by folder).
 
-    ``features`` is e.g. ``student.features`` (the pooled backbone output) with the model in eval mode.
+    ``features`` is e.g. ``student.features`` (the pooled backbone output) with the model in eval mode. Bank items
+    labelled -1 (unreadable training images, :class:`lgd.data.SkippingFolder`) are left out.
     Under DDP, call it on every rank with loaders over this rank's :func:`lgd.distributed.shard` of each dataset.
     """
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         bank, bank_labels = embed_dataset(features, bank_loader, device, desc="kNN bank")
         queries, labels = embed_dataset(features, query_loader, device, desc="kNN queries")
+    readable = bank_labels >= 0
+    bank, bank_labels = bank[readable], bank_labels[readable]
     if du.is_dist():  # a rank with an empty shard (fewer images than ranks) learns the feature width from the others
         dim = int(du.all_gather_cat(torch.tensor([bank.shape[1], queries.shape[1]], device=device)).max())
         bank, queries = (x if len(x) else x.new_empty(0, dim) for x in (bank, queries))
@@ -134,7 +137,7 @@ class KnnConfig:
     workers: int = field(default=8, metadata=opt("data-loading processes per process"))
     seed: int = field(default=0, metadata=opt("seed of the train_fraction subset"))
     device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
-    amp: str = field(default="auto", metadata=opt("autocast: auto (bf16 on GPU, off on CPU), bf16, fp16, off",
+    amp: str = field(default="auto", metadata=opt("autocast: auto (bf16 on GPU, fp16 before Ampere; off on CPU), bf16, fp16, off",
                                                    choices=["auto", "bf16", "fp16", "off"]))
     output: str = field(default="runs/knn", metadata=opt("folder for knn_metrics.json"))
 

@@ -35,7 +35,7 @@ from .checkpoint import atomic_torch_save, atomic_write_json, backbone_state_dic
 from .config import opt, parse_config, save_config
 from .convert import split_classifier, verify_torchvision_load
 from .data import (NORMALIZATIONS, VIEW_INTERPOLATION, EpochSampler, SeededImageFolder, eval_transform, ignore_stop_signals,
-                   loader_workers, normalization, sample_seed, train_val_folders)
+                   loader_workers, normalization, own_generator, sample_seed, train_val_folders)
 from .errors import LGDError, cli_entry
 from .evaluate import accuracy_from_hits, topk_hits
 from .models import build_backbone
@@ -76,7 +76,7 @@ class LinclsConfig:
     resume: str = field(default="", metadata=opt("'auto' (the run folder's last probe checkpoint, if any) or a path"))
     seed: int = field(default=0, metadata=opt("seed of the subset, the fc init, data order and augmentation"))
     device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
-    amp: str = field(default="auto", metadata=opt("autocast of the backbone: auto (bf16 on GPU, off on CPU), bf16, fp16, off",
+    amp: str = field(default="auto", metadata=opt("autocast of the backbone: auto (bf16 on GPU, fp16 before Ampere; off on CPU), bf16, fp16, off",
                                                    choices=["auto", "bf16", "fp16", "off"]))
     eval_interval: int = field(default=10, metadata=opt("evaluate on val/ every N epochs (and at the end)"))
     log_interval: int = field(default=20, metadata=opt("steps between log lines"))
@@ -495,10 +495,11 @@ def build_data(cfg: LinclsConfig, root: Path, train_folder: datasets.ImageFolder
     sampler = EpochSampler(train_set, du.world_size(), du.rank(), seed=cfg.seed)
     train_loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=loader_workers(cfg.workers),
                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                              worker_init_fn=ignore_stop_signals)
+                              worker_init_fn=ignore_stop_signals, generator=own_generator(cfg.seed))
     val_folder.transform = val_transform
     val_loader = DataLoader(du.shard(val_folder), batch_size=local_batch, num_workers=loader_workers(cfg.workers),
-                            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+                            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+                            generator=own_generator())
     mode = "standard" if cfg.augment else "standard (no augmentation)"
     return ProbeData(train_set, train_loader, sampler, val_loader, images=True, mode=mode)
 

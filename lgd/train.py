@@ -31,7 +31,8 @@ from .banks import VisualSemanticsBank, class_text, load_or_build_tsb
 from .checkpoint import FORMAT, VERSION, atomic_file, atomic_torch_save, atomic_write_json, load_checkpoint, resume_path
 from .config import opt, parse_config, save_config
 from .cache import CachedViewDataset, open_teacher_cache, teacher_embeddings
-from .data import EpochSampler, SeededImageFolder, eval_transform, ignore_stop_signals, image_folder, loader_workers
+from .data import (EpochSampler, SeededImageFolder, SkippingFolder, eval_transform, ignore_stop_signals, image_folder,
+                   loader_workers, own_generator)
 from .errors import LGDError, cli_entry
 from .evaluate import (accuracy_from_hits, align_classes, class_mismatch_warning, embed_dataset, topk_hits,
                        zero_shot_logits)
@@ -72,8 +73,8 @@ class TrainConfig:
     resume: str = field(default="", metadata=opt("'auto' (the run folder's last checkpoint, if any) or a checkpoint path"))
     seed: int = field(default=0, metadata=opt("seed of initialisation, data order and augmentation"))
     device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
-    amp: str = field(default="auto", metadata=opt("student autocast: auto (bf16 on GPU, off on CPU), bf16, fp16, off; with AMP "
-                                                   "on GPU the teacher runs in fp16",
+    amp: str = field(default="auto", metadata=opt("student autocast: auto (bf16 on GPU, fp16 before Ampere; off on CPU), "
+                                                   "bf16, fp16, off; with AMP on GPU the teacher runs in fp16",
                                                    choices=["auto", "bf16", "fp16", "off"]))
     channels_last: bool = field(default=False, metadata=opt("channels_last memory format for teacher and student"))
     compile: bool = field(default=False, metadata=opt("torch.compile the student"))
@@ -148,10 +149,15 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32. fp16 needs a GradScaler; bf16 does not."""
+    """Autocast dtype, or None for fp32. fp16 needs a GradScaler; bf16 does not.
+
+    ``auto`` is bf16 on GPUs with native bf16 (compute capability 8.0+, Ampere on) and fp16 before them, where
+    torch emulates bf16 at a fraction of fp16's speed without saying so (V100, T4)."""
     if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
         return None
-    if cfg.amp in ("auto", "bf16"):
+    if cfg.amp == "auto":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if cfg.amp == "bf16":
         return torch.bfloat16
     if cfg.amp == "fp16":
         return torch.float16
@@ -600,7 +606,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     workers = loader_workers(cfg.workers)
     loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals)
+                        prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals,
+                        generator=own_generator(cfg.seed))
     val_loader = None
     if (setup.data / "val").is_dir():
         val_set = image_folder(setup.data / "val")
@@ -618,15 +625,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             elif du.is_main() and class_match.startswith("position,"):
                 print(class_mismatch_warning(val_set.classes, classnames, class_match, str(setup.data / "val")))
             val_loader = DataLoader(du.shard(val_set), batch_size=min(local_batch, 256), num_workers=workers,
-                                    pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+                                    pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+                                    generator=own_generator())
     knn_loaders: list[DataLoader] = []
     if cfg.knn_interval and (setup.data / "val").is_dir():
-        bank_set, query_set = image_folder(setup.data / "train"), image_folder(setup.data / "val")
-        knn_classes = len(bank_set.classes)
-        if bank_set.classes == query_set.classes:
-            bank_set.transform = query_set.transform = eval_transform(cfg.image_size)
+        query_set = image_folder(setup.data / "val")
+        knn_classes = len(train_folder.classes)
+        if train_folder.classes == query_set.classes:
+            query_set.transform = eval_transform(cfg.image_size)
+            bank_set = SkippingFolder(train_folder, eval_transform(cfg.image_size))  # training tolerates bad files
             knn_loaders = [DataLoader(du.shard(s), batch_size=min(local_batch, 256), num_workers=workers,
-                                      pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+                                      pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+                                      generator=own_generator())
                            for s in (bank_set, query_set)]
         elif du.is_main():
             print(f"note: no kNN monitor: {setup.data / 'val'} lacks the class folders of {setup.data / 'train'}")

@@ -189,6 +189,33 @@ def test_interrupted_build_resumes_without_mixing(world: dict[str, Path], built:
         assert a.tobytes() == b.tobytes(), f"chunk {chunk} differs from an uninterrupted build"
 
 
+def test_a_build_stopped_before_its_first_chunk_takes_the_next_runs_precision(
+        world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lgd.train
+
+    out = tmp_path / "cache"
+    forward = lgd.train.FrozenTeacher.forward
+    calls = {"n": 0, "die_at": 1}
+
+    def dies(self: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise KeyboardInterrupt
+        return forward(self, images)
+
+    monkeypatch.setattr(lgd.train.FrozenTeacher, "forward", dies)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="unreadable"):
+        _build(world, out)  # fp32: stopped on its first batch, a manifest and no chunk
+    assert not list(out.glob("chunk_*.npy"))
+    calls.update(n=0, die_at=3)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="unreadable"):
+        _build(world, out, "--teacher-dtype", "bf16")  # chunk 0 is written in bf16
+    assert json.loads((out / "manifest.json").read_text())["built"]["teacher_precision"] == "clip-mixed-bf16"
+    monkeypatch.setattr(lgd.train.FrozenTeacher, "forward", forward)
+    with pytest.raises(LGDError, match="computed by a clip-mixed-bf16 teacher.*--teacher-dtype bf16"):
+        _build(world, out)
+
+
 def test_mismatching_cache_is_refused(world: dict[str, Path], built: TeacherCache, tmp_path: Path) -> None:
     with pytest.raises(LGDError, match="views=2, asked for views=3"):
         _build(world, built.root, "--views", "3")

@@ -121,15 +121,21 @@ def test_openai_module_paths_keep_working() -> None:
     assert openai_style._MODELS["RN50"].endswith("/RN50.pt") and openai_style._download is download
     assert str(openai_style._transform(32)) == str(build_preprocess(32))
     assert SimpleTokenizer().decode(SimpleTokenizer().encode("a photo of a dog")).strip() == "a photo of a dog"
+    tokenizer = openai_style._tokenizer  # OpenAI's module-level tokenizer, and its public merge step
+    assert tokenizer is openai_style._tokenizer and tokenizer.encode("dog") == [tokenizer.encoder["dog</w>"]]
+    assert tokenizer.bpe("photos") == "photos</w>" and tokenizer.bpe("zqxj").replace(" ", "") == "zqxj</w>"
+    assert [tokenizer.encoder[piece] for piece in tokenizer.bpe("zqxj").split()] == tokenizer.encode("zqxj")
 
 
 # --- loading files ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("wrap", [None, "state_dict", "model", "module."])
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model", "module.", "attn_mask"])
 def test_load_state_dict_file(tmp_path: Path, vit_state_dict: dict[str, torch.Tensor], wrap: str | None) -> None:
     path = tmp_path / "tiny.pt"
     if wrap == "module.":  # saved from a DistributedDataParallel wrapper
         torch.save({"state_dict": {f"module.{k}": v for k, v in vit_state_dict.items()}}, path)
+    elif wrap == "attn_mask":  # re-implementations that keep the causal mask as a buffer save it
+        torch.save({**vit_state_dict, "attn_mask": torch.full((TINY_VIT["context_length"],) * 2, float("-inf")).triu(1)}, path)
     else:
         torch.save(vit_state_dict if wrap is None else {wrap: vit_state_dict, "epoch": 3}, path)
     model, preprocess = load(path, device=torch.device("cpu"))
@@ -354,6 +360,7 @@ class _Hub(BaseHTTPRequestHandler):
 
     payload = b""
     etag: str | None = None
+    openai_body: bytes | None = None  # what OpenAI's retired host answers with 200 (e.g. a parking page)
 
     def log_message(self, format: str, *args: Any) -> None:
         """No access logs in the test output."""
@@ -366,6 +373,12 @@ class _Hub(BaseHTTPRequestHandler):
                 self.send_header("X-Linked-Etag", f'"{self.etag}"')
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif self.path.startswith("/clip/models/") and self.openai_body is not None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.openai_body)))
+            self.end_headers()
+            if body:
+                self.wfile.write(self.openai_body)
         elif self.path == "/storage/blob":
             self.send_response(200)
             self.send_header("Content-Length", str(len(self.payload)))
@@ -416,10 +429,25 @@ def test_hugging_face_copy_when_openai_is_gone(hub: type[_Hub], tmp_path: Path,
         warnings.simplefilter("error")
         model, _ = load("Tiny/ViT", download_root=cache)
     assert_same_outputs(model, build_model(vit_state_dict), TINY_VIT)
+    (cache / "Tiny-ViT.pt").write_bytes(b"half a file")  # a broken OpenAI file must not hide the verified copy
+    with pytest.warns(UserWarning, match="Tiny-ViT.pt is not OpenAI's file.*using the verified Hugging Face copy"):
+        model, _ = load("Tiny/ViT", download_root=cache)
+    assert_same_outputs(model, build_model(vit_state_dict), TINY_VIT)
+    (cache / "Tiny-ViT.pt").unlink()
     (cache / "Tiny-ViT.openai-hf.bin").write_bytes(b"damaged")  # no longer matches its record: fetched again
     with pytest.warns(UserWarning, match="trying the Hugging Face copy"), \
             pytest.raises(CLIPLoadError, match="publishes no SHA-256"):
         load("Tiny/ViT", download_root=cache)
+
+
+def test_openai_host_serving_other_bytes_falls_back_to_the_hugging_face_copy(
+        hub: type[_Hub], tmp_path: Path, vit_state_dict: dict[str, torch.Tensor]) -> None:
+    hub.openai_body = b"<html>This domain is parked</html>"
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning, match="discarded.*trying the Hugging Face copy"):
+        model, _ = load("Tiny/ViT", download_root=cache)
+    assert_same_outputs(model, build_model(vit_state_dict), TINY_VIT)
+    assert sorted(p.name for p in cache.iterdir()) == ["Tiny-ViT.openai-hf.bin", "Tiny-ViT.openai-hf.bin.sha256"]
 
 
 def test_hugging_face_copy_must_match_the_published_hash(hub: type[_Hub], tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from lgd.checkpoint import load_checkpoint
 from lgd.data import eval_transform, image_folder
 from lgd.evaluate import embed_dataset, topk_accuracy, zero_shot_logits
 from lgd.models import build_student
-from lgd.train import FrozenTeacher, TrainConfig, check_config, lr_at, main
+from lgd.train import FrozenTeacher, TrainConfig, amp_dtype, check_config, lr_at, main
 from lgd.zscls import load_student
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +113,17 @@ def test_resume_after_an_epoch_is_bit_identical(toy_world, mini_world, tmp_path)
     strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
     assert strip(split_records) == strip(full_records)
     assert (split / "log.dropped.jsonl").read_text().splitlines() == [*crashed, crashed[-1][:20]]  # kept aside
+
+
+def test_resume_is_bit_identical_with_a_random_student_and_loader_workers(toy_world, mini_world, tmp_path):
+    """EfficientNet's stochastic depth draws from the global RNG, so the loader must not: a resumed run makes its
+    loader iterator anew where the uninterrupted run (persistent workers) does not."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    extra = ("--arch", "efficientnet_b0", "--workers", "2", "--val-interval", "0")
+    main(mini_args(toy_world, mini_world, full, *extra))
+    main(mini_args(toy_world, mini_world, split, *extra, "--stop-after", "1"))
+    main(mini_args(toy_world, mini_world, split, *extra, "--resume", "auto"))
+    assert_identical(final_weights(full), final_weights(split))
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(toy_world, mini_world, tmp_path):
@@ -282,6 +293,16 @@ def test_resume_from_another_arch_is_refused(toy_world, mini_world, tmp_path, ca
                       "was trained on 192 images of 24 classes, this run's train/ has 168 of 24")
 
 
+def test_amp_auto_is_bf16_only_where_the_gpu_has_it(monkeypatch):
+    cuda = torch.device("cuda")
+    for capability, expected in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                 ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert amp_dtype(TrainConfig(amp="auto"), cuda) == expected, capability
+        assert amp_dtype(TrainConfig(amp="bf16"), cuda) == torch.bfloat16  # asked for by name: as asked
+    assert amp_dtype(TrainConfig(amp="auto"), torch.device("cpu")) is None
+
+
 def test_batch_must_divide_by_world_size(monkeypatch):
     monkeypatch.setattr(du, "world_size", lambda: 2)
     with pytest.raises(Exception, match="not divisible by the world size 2"):
@@ -297,9 +318,9 @@ def test_unreadable_images_are_skipped_and_counted(toy_world, mini_world, tmp_pa
                 (data / split / class_dir.name / image.name).symlink_to(image.resolve())
     broken = sorted((data / "train").iterdir())[0] / "broken.png"
     broken.write_bytes(b"not a png")
-    with pytest.warns(UserWarning, match="skipping unreadable image"):
-        main([*mini_args(toy_world, data, tmp_path / "ok"), "--epochs", "1"])
-    capsys.readouterr()
+    with pytest.warns(UserWarning, match="skipping unreadable image"):  # the kNN bank leaves it out too
+        main([*mini_args(toy_world, data, tmp_path / "ok"), "--epochs", "1", "--knn-interval", "1"])
+    assert "kNN top-1" in capsys.readouterr().out
     for class_dir in list((data / "train").iterdir())[:6]:
         for i in range(3):
             (class_dir / f"broken{i}.png").write_bytes(b"")

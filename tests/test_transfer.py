@@ -173,6 +173,11 @@ def test_lr_schedules() -> None:
     assert [lr_factor(s, 120, cfg) for s in (10, 79, 80, 109, 110)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
     poly = TransferConfig(schedule="poly", warmup_iters=0)
     assert lr_factor(50, 100, poly) == pytest.approx(0.5 ** 0.9) and lr_factor(100, 100, poly) == 0.0
+    floored = TransferConfig(schedule="poly", lr=0.01, min_lr=1e-4)  # mmseg: (lr - eta_min)(1 - t/T)^0.9 + eta_min
+    assert [0.01 * lr_factor(s, 100, floored) for s in (0, 50, 100)] == pytest.approx(
+        [0.01, (0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4, 1e-4])
+    cosine = TransferConfig(schedule="cosine", lr=0.01, min_lr=1e-3)
+    assert [0.01 * lr_factor(s, 100, cosine) for s in (0, 50, 100)] == pytest.approx([0.01, 0.0055, 1e-3])
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -198,6 +203,19 @@ def test_coco_reader(det_data: Path, tmp_path: Path) -> None:
         detect.CocoInstances(ann, det_data / "val2017x", train=True, masks=False)
     with pytest.raises(LGDError, match="annotation file not found"):
         detect.CocoInstances(tmp_path / "none.json", det_data / "train2017", train=True, masks=False)
+
+
+def test_coco_ap_of_no_detections_is_zero_where_there_is_ground_truth(det_data: Path) -> None:
+    ann = det_data / "annotations" / "instances_val2017.json"
+    doc = json.loads(ann.read_text())
+    ids = [image["id"] for image in doc["images"]]
+    truth = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+             for a in doc["annotations"]]
+    perfect, nothing = detect.coco_ap(ann, ids, {"bbox": truth}), detect.coco_ap(ann, ids, {"bbox": [], "segm": []})
+    assert perfect["bbox_AP"] == 100.0 and nothing["bbox_AP"] == nothing["segm_AP"] == 0.0
+    assert perfect["bbox_APl"] is nothing["bbox_APl"] is nothing["segm_APl"] is None  # 128 px images: no large objects
+    for name in detect.AP_NAMES:
+        assert (perfect[f"bbox_{name}"] is None) == (nothing[f"bbox_{name}"] is None) == (nothing[f"segm_{name}"] is None)
 
 
 def test_segmentation_reader_errors(seg_data: Path, tmp_path: Path) -> None:

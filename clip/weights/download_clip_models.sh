@@ -8,7 +8,8 @@
 # The checksum logic is clip.clip.download_model, the same code clip.load() uses, so files that are
 # already present and intact are not fetched again, corrupt ones are replaced, and when OpenAI's host cannot
 # serve a file its Hugging Face copy is fetched instead (verified against the Hub's SHA-256). Afterwards use
-#   clip.load("RN50")   or, with CLIP_DIR=<dir>,   clip.load("RN50", download_root=<dir>) / clip.load("<dir>/RN50.pt")
+#   clip.load("RN50")   or, with CLIP_DIR=<dir>,   clip.load("RN50", download_root=<dir>) (--clip-root <dir> in lgd);
+# the path printed for each model (RN50.pt, or RN50.openai-hf.bin for a Hugging Face copy) also works as clip.load(path).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -28,7 +28,7 @@ from .. import distributed as du
 from ..checkpoint import atomic_torch_save, atomic_write_json, backbone_state_dict, resume_path, safe_load
 from ..config import opt, save_config
 from ..convert import split_classifier, verify_torchvision_load
-from ..data import NORMALIZATIONS, EpochSampler, ignore_stop_signals, loader_workers, normalization
+from ..data import NORMALIZATIONS, EpochSampler, ignore_stop_signals, loader_workers, normalization, own_generator
 from ..errors import LGDError
 from ..models import build_backbone
 from ..toyworld import default_home
@@ -46,7 +46,7 @@ STEP_MILESTONES = (8 / 12, 11 / 12)  # the 1x/2x/3x convention: x0.1 at epochs 8
 # live in the optimizer state that a resume restores (a new value would be silently ignored). Paths, intervals,
 # workers, precision, lr, backbone_lr_mult and clip_grad (applied afresh every step) may change.
 RECIPE_KEYS = ("normalization", "momentum", "warmup_ratio", "seed", "norm", "trainable_layers", "optimizer",
-               "weight_decay", "schedule", "warmup_iters", "epochs", "batch_size")
+               "weight_decay", "schedule", "min_lr", "warmup_iters", "epochs", "batch_size")
 
 
 
@@ -70,7 +70,7 @@ class TransferConfig:
         "'auto' (the run folder's last checkpoint, if any) or a checkpoint path"))
     seed: int = field(default=0, metadata=opt("seed of head initialisation, data order and augmentation"))
     device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
-    amp: str = field(default="auto", metadata=opt("autocast: auto (bf16 on GPU, off on CPU), bf16, fp16, off",
+    amp: str = field(default="auto", metadata=opt("autocast: auto (bf16 on GPU, fp16 before Ampere; off on CPU), bf16, fp16, off",
                                                   choices=["auto", "bf16", "fp16", "off"]))
     val_interval: int = field(default=1, metadata=opt("evaluate every N epochs (and after the last)"))
     save_interval: int = field(default=0, metadata=opt(
@@ -88,6 +88,7 @@ class TransferConfig:
     backbone_lr_mult: float = field(default=1.0, metadata=opt("learning-rate multiplier of the backbone"))
     clip_grad: float = field(default=0.0, metadata=opt("max gradient norm (0: no clipping)"))
     schedule: str = field(default="step", metadata=opt("lr decay after warm-up", choices=list(SCHEDULES)))
+    min_lr: float = field(default=0.0, metadata=opt("learning rate the poly/cosine decay ends at"))
     warmup_iters: int = field(default=0, metadata=opt("linear warm-up steps"))
     epochs: int = field(default=12, metadata=opt("training epochs"))
     batch_size: int = field(default=16, metadata=opt("global batch size (split over all ranks)"))
@@ -106,6 +107,8 @@ def check_common(cfg: TransferConfig) -> None:
         raise LGDError(f"norm must be one of {', '.join(NORMS)}, got {cfg.norm!r}")
     if cfg.schedule not in SCHEDULES:
         raise LGDError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if not 0 <= cfg.min_lr < cfg.lr:
+        raise LGDError(f"need 0 <= min_lr < lr, got min_lr={cfg.min_lr:g}, lr={cfg.lr:g}")
     if not cfg.output:
         raise LGDError("no --output given: name a run folder for checkpoints, logs and metrics.json")
 
@@ -276,14 +279,16 @@ class Task:
 
 
 def lr_factor(step: int, total: int, cfg: TransferConfig) -> float:
-    """Multiplier of the peak learning rate: linear warm-up (from ``warmup_ratio``) times the decay."""
+    """Multiplier of the peak learning rate: linear warm-up (from ``warmup_ratio``) times the decay, which for
+    poly and cosine goes from 1 to ``min_lr / lr`` (mmengine's ``eta_min``)."""
     progress = min(step, total) / max(1, total)
+    floor = cfg.min_lr / cfg.lr
     if cfg.schedule == "step":
         factor = 0.1 ** sum(progress >= m for m in STEP_MILESTONES)
     elif cfg.schedule == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        factor = (1.0 - progress) ** 0.9
+        factor = floor + (1.0 - floor) * (1.0 - progress) ** 0.9
     if step < cfg.warmup_iters:
         factor *= cfg.warmup_ratio + (1.0 - cfg.warmup_ratio) * step / cfg.warmup_iters
     return factor
@@ -444,7 +449,8 @@ def fit(cfg: TransferConfig, task: Task, device: torch.device, notes: list[str])
         raise LGDError(f"the training set has {len(task.train_set)} images, fewer than one batch of {cfg.batch_size}")
     loader = DataLoader(task.train_set, batch_size=local_batch, sampler=sampler, num_workers=loader_workers(cfg.workers),
                         collate_fn=task.collate, pin_memory=device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals)
+                        persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals,
+                        generator=own_generator(cfg.seed))
 
     state = State()
     resume_checkpoint(cfg, out, task, state, optimizer, scaler)

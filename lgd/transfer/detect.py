@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .. import distributed as du
 from ..config import parse_config
-from ..data import ignore_stop_signals, loader_workers, rgb_loader, sample_seed
+from ..data import ignore_stop_signals, loader_workers, own_generator, rgb_loader, sample_seed
 from ..errors import LGDError, cli_entry
 from .common import (NORMS, PYRAMID_STRIDES, SCHEDULES, Task, TransferConfig, apply_norm_and_freezing,
                      check_common, demo_root, find_stages, fit, image_stats, load_backbone, opt)
@@ -252,6 +252,18 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids
     return bbox, segm
 
 
+def _no_detections(ground_truth: Any) -> Any:
+    """An empty result set (``COCO.loadRes`` refuses an empty list), so that COCOeval scores 0 where there is ground
+    truth and -1 (null) for an object size that has none, as it does for any other run."""
+    from pycocotools.coco import COCO
+
+    empty = COCO()
+    empty.dataset = {"images": ground_truth.dataset["images"], "categories": ground_truth.dataset["categories"],
+                     "annotations": []}
+    empty.createIndex()
+    return empty
+
+
 def coco_ap(ann_file: Path, image_ids: list[int], results: dict[str, list[dict[str, Any]]]) -> dict[str, float | None]:
     """COCOeval's summary numbers (percent) per IoU type; prints COCOeval's usual table."""
     from pycocotools.coco import COCO
@@ -261,11 +273,8 @@ def coco_ap(ann_file: Path, image_ids: list[int], results: dict[str, list[dict[s
         ground_truth = COCO(str(ann_file))
     metrics: dict[str, float | None] = {}
     for iou_type, records in results.items():
-        if not records:  # COCO.loadRes cannot take an empty list; no detection scores 0
-            metrics.update({f"{iou_type}_{name}": 0.0 for name in AP_NAMES})
-            continue
         with contextlib.redirect_stdout(io.StringIO()):
-            detections = ground_truth.loadRes(records)
+            detections = ground_truth.loadRes(records) if records else _no_detections(ground_truth)
         evaluator = COCOeval(ground_truth, detections, iou_type)
         evaluator.params.imgIds = image_ids
         print(f"COCO {iou_type} evaluation:")
@@ -286,7 +295,7 @@ def make_evaluate(cfg: DetectConfig, val_set: CocoInstances) -> Any:
         if coco_mask is None:
             return {}  # the run's notes say why
         loader = DataLoader(du.shard(val_set), batch_size=cfg.val_batch_size, num_workers=loader_workers(cfg.workers),
-                            collate_fn=collate, worker_init_fn=ignore_stop_signals)
+                            collate_fn=collate, worker_init_fn=ignore_stop_signals, generator=own_generator())
         results: dict[str, list[dict[str, Any]]] = {"bbox": [], **({"segm": []} if cfg.model == "mask_rcnn" else {})}
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32,
                                              enabled=autocast is not None):

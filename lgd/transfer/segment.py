@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .. import distributed as du
 from ..config import parse_config
-from ..data import ignore_stop_signals, loader_workers, rgb_loader, sample_seed
+from ..data import ignore_stop_signals, loader_workers, own_generator, rgb_loader, sample_seed
 from ..errors import LGDError, cli_entry
 from .common import (NORMS, SCHEDULES, Stages, Task, TransferConfig, apply_norm_and_freezing, check_common,
                      demo_root, find_stages, fit, image_stats, load_backbone, opt)
@@ -79,6 +79,7 @@ class SegmentConfig(TransferConfig):
     clip_grad: float = field(default=0.0, metadata=opt("max gradient norm (0: no clipping)"))
     schedule: str = field(default="poly", metadata=opt("lr decay after warm-up (poly: power 0.9)",
                                                        choices=list(SCHEDULES)))
+    min_lr: float = field(default=1e-4, metadata=opt("learning rate the poly/cosine decay ends at (mmseg's eta_min)"))
     warmup_iters: int = field(default=0, metadata=opt("linear warm-up steps"))
     epochs: int = field(default=64, metadata=opt("training epochs"))
     batch_size: int = field(default=16, metadata=opt("global batch size (split over all ranks)"))
@@ -184,7 +185,7 @@ def read_mask(path: Path, num_classes: int, ignore_index: int, reduce_zero_label
     """A mask file as an ``int64`` [H, W] tensor of class indices, checked against ``num_classes``."""
     with Image.open(path) as image:
         if image.mode not in MASK_MODES:
-            raise LGDError(f"{path}: masks must be single-channel class indices (PNG mode L or P), not mode "
+            raise LGDError(f"{path}: masks must be single-channel class indices (mode L, P, I or I;16), not mode "
                            f"{image.mode}; convert colour-coded masks to index masks first")
         mask = torch.from_numpy(np.array(image).astype(np.int64))
     if reduce_zero_label:  # 0 = unlabelled -> ignore; 1..K -> 0..K-1
@@ -283,7 +284,7 @@ def make_evaluate(cfg: SegmentConfig, val_set: SegmentationFolder, names: list[s
     def evaluate(model: nn.Module, device: torch.device, autocast: torch.dtype | None) -> dict[str, Any]:
         """Each rank scores its share of the val images; the confusion matrices are summed over ranks."""
         loader = DataLoader(du.shard(val_set), batch_size=1, num_workers=loader_workers(cfg.workers),
-                            worker_init_fn=ignore_stop_signals)
+                            worker_init_fn=ignore_stop_signals, generator=own_generator())
         conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
         with torch.no_grad():
             for image, mask in tqdm(loader, desc="evaluate", disable=not du.is_main(), dynamic_ncols=True):
