@@ -137,7 +137,8 @@ class KnnConfig:
     workers: int = field(default=8, metadata=opt("data-loading processes per process"))
     seed: int = field(default=0, metadata=opt("seed of the train_fraction subset"))
     device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
-    amp: str = field(default="auto", metadata=opt("autocast: auto (bf16 on GPU, fp16 before Ampere; off on CPU), bf16, fp16, off",
+    amp: str = field(default="auto", metadata=opt("autocast: auto (bf16 on GPU, fp16 before Ampere; off on CPU), "
+                                                   "bf16, fp16, off",
                                                    choices=["auto", "bf16", "fp16", "off"]))
     output: str = field(default="runs/knn", metadata=opt("folder for knn_metrics.json"))
 

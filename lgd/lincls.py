@@ -76,7 +76,8 @@ class LinclsConfig:
     resume: str = field(default="", metadata=opt("'auto' (the run folder's last probe checkpoint, if any) or a path"))
     seed: int = field(default=0, metadata=opt("seed of the subset, the fc init, data order and augmentation"))
     device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
-    amp: str = field(default="auto", metadata=opt("autocast of the backbone: auto (bf16 on GPU, fp16 before Ampere; off on CPU), bf16, fp16, off",
+    amp: str = field(default="auto", metadata=opt("autocast of the backbone: auto (bf16 on GPU, fp16 before Ampere; off on CPU), "
+                                                   "bf16, fp16, off",
                                                    choices=["auto", "bf16", "fp16", "off"]))
     eval_interval: int = field(default=10, metadata=opt("evaluate on val/ every N epochs (and at the end)"))
     log_interval: int = field(default=20, metadata=opt("steps between log lines"))

@@ -52,7 +52,8 @@ class ZsclsConfig:
     batch_size: int = field(default=256, metadata=opt("evaluation batch size"))
     workers: int = field(default=8, metadata=opt("data-loading processes"))
     device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
-    amp: str = field(default="auto", metadata=opt("autocast of the student: auto (bf16 on GPU, fp16 before Ampere; off on CPU), bf16, fp16, off",
+    amp: str = field(default="auto", metadata=opt("autocast of the student: auto (bf16 on GPU, fp16 before Ampere; off on CPU), "
+                                                   "bf16, fp16, off",
                                                    choices=["auto", "bf16", "fp16", "off"]))
     show: int = field(default=5, metadata=opt("rows of the best/worst class tables and of the confusion summary (>= 1)"))
     output: str = field(default="runs/zscls", metadata=opt("folder for zscls_metrics.json"))

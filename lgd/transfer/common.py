@@ -70,7 +70,8 @@ class TransferConfig:
         "'auto' (the run folder's last checkpoint, if any) or a checkpoint path"))
     seed: int = field(default=0, metadata=opt("seed of head initialisation, data order and augmentation"))
     device: str = field(default="auto", metadata=opt("'auto', 'cpu' or 'cuda'"))
-    amp: str = field(default="auto", metadata=opt("autocast: auto (bf16 on GPU, fp16 before Ampere; off on CPU), bf16, fp16, off",
+    amp: str = field(default="auto", metadata=opt("autocast: auto (bf16 on GPU, fp16 before Ampere; off on CPU), "
+                                                  "bf16, fp16, off",
                                                   choices=["auto", "bf16", "fp16", "off"]))
     val_interval: int = field(default=1, metadata=opt("evaluate every N epochs (and after the last)"))
     save_interval: int = field(default=0, metadata=opt(
