@@ -305,6 +305,23 @@ def test_segment_resume_is_exact(ckpts: dict[str, Path], seg_data: Path, tmp_pat
     assert again["metrics_epoch"] == 2 and again["mIoU"] == resumed["mIoU"] and again["steps"] == 2
 
 
+def test_detection_evaluation_scores_every_image_once_under_ddp(tmp_path: Path) -> None:
+    """Three val images over two ranks (a padding sampler would score one twice): the perfect detector of
+    tests/ddp_detect_eval_check.py must reach AP 100 from the gathered detections."""
+    data = make_detection_set(tmp_path / "det", train=1, val=3)
+    script = str(REPO / "tests" / "ddp_detect_eval_check.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for launcher in ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"],
+                     [sys.executable]):
+        out = tmp_path / f"out{len(launcher)}"
+        done = subprocess.run([*launcher, script, str(data), str(out)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["images"] == 3 and metrics["world_size"] == (2 if len(launcher) > 1 else 1)
+        assert metrics["bbox_AP"] == metrics["segm_AP"] == 100.0, metrics
+
+
 @pytest.mark.slow
 def test_segment_deeplab_ddp_two_processes(ckpts: dict[str, Path], seg_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
